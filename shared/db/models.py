@@ -1,0 +1,91 @@
+"""The interaction store's tables: the one definition every service and migration uses."""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    Column,
+    DateTime,
+    Identity,
+    Index,
+    Integer,
+    MetaData,
+    SmallInteger,
+    Table,
+    Text,
+    func,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+
+metadata = MetaData()
+
+# One row per event; `seq` orders ingestion so refreshes can pick up "what is new since".
+interactions = Table(
+    "interactions", metadata,
+    Column("event_id", Text, primary_key=True),
+    Column("seq", BigInteger, Identity(always=False), nullable=False, unique=True),
+    Column("user_id", BigInteger, nullable=False),
+    Column("project_id", BigInteger, nullable=False),
+    Column("type", SmallInteger, nullable=False,
+           comment="0 view, 1 appreciate, 2 comment, 3 own (see shared.events)"),
+    Column("ts", DateTime(timezone=True), nullable=False),
+    CheckConstraint("type BETWEEN 0 AND 3", name="interactions_type_known"),
+)
+
+# Every project event as received, so deletes and updates are recorded, not lost.
+project_events = Table(
+    "project_events", metadata,
+    Column("event_id", Text, primary_key=True),
+    Column("seq", BigInteger, Identity(always=False), nullable=False, unique=True),
+    Column("project_id", BigInteger, nullable=False),
+    Column("type", Text, nullable=False),
+    Column("owner_id", BigInteger, nullable=False),
+    Column("image_uri", Text, nullable=False),
+    Column("ts", DateTime(timezone=True), nullable=False),
+    Index("project_events_project_id", "project_id"),
+)
+
+# The latest state per project, derived from project_events in the same transaction.
+projects = Table(
+    "projects", metadata,
+    Column("project_id", BigInteger, primary_key=True),
+    Column("owner_id", BigInteger, nullable=False),
+    Column("image_uri", Text, nullable=False),
+    Column("status", Text, nullable=False),
+    Column("published_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    Column("last_event_id", Text, nullable=False),
+    CheckConstraint("status IN ('live', 'deleted')", name="projects_status_known"),
+)
+
+# Postgres, not Kafka, is the truth for where each consumer group stands.
+consumer_offsets = Table(
+    "consumer_offsets", metadata,
+    Column("group_id", Text, primary_key=True),
+    Column("topic", Text, primary_key=True),
+    Column("partition", Integer, primary_key=True),
+    Column("next_offset", BigInteger, nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+)
+
+model_versions = Table(
+    "model_versions", metadata,
+    Column("id", BigInteger, Identity(always=False), primary_key=True),
+    Column("kind", Text, nullable=False, comment="factors | cnn"),
+    Column("parent_id", BigInteger, nullable=True),
+    Column("factor_version_id", BigInteger, nullable=True,
+           comment="for cnn versions: the factor version it learned from"),
+    Column("watermark", BigInteger, nullable=True,
+           comment="highest interactions.seq the version covered"),
+    Column("params", JSONB, nullable=False, server_default="{}"),
+    Column("stats", JSONB, nullable=False, server_default="{}"),
+    Column("metrics", JSONB, nullable=False, server_default="{}"),
+    Column("artifact", Text, nullable=True, comment="path under COFEAT_DATA_DIR"),
+    Column("status", Text, nullable=False, server_default="candidate"),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    CheckConstraint("kind IN ('factors', 'cnn')", name="model_versions_kind_known"),
+    CheckConstraint("status IN ('candidate', 'promoted', 'rejected', 'failed', 'retired')",
+                    name="model_versions_status_known"),
+    Index("model_versions_kind_status", "kind", "status"),
+)

@@ -1,0 +1,34 @@
+"""Topic creation: idempotent, so every service and `cofeat dev up` can call it."""
+
+from __future__ import annotations
+
+import logging
+
+from kafka import KafkaAdminClient
+from kafka.admin import NewTopic
+from kafka.errors import TopicAlreadyExistsError
+
+from shared import topics
+from shared.kafka.config import client_config
+from shared.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def ensure_topics(settings: Settings, names=topics.ALL_TOPICS) -> list[str]:
+    """Create the topics that do not exist yet; returns the names it created."""
+    admin = KafkaAdminClient(**client_config(settings))
+    try:
+        existing = set(admin.list_topics())
+        missing = [n for n in names if n not in existing]
+        if missing:
+            new = [NewTopic(n, settings.kafka_partitions, settings.kafka_replication_factor)
+                   for n in missing]
+            try:
+                admin.create_topics(new)
+            except TopicAlreadyExistsError:
+                pass  # another process won the race
+            log.info("created topics %s", missing)
+        return missing
+    finally:
+        admin.close()

@@ -1,0 +1,45 @@
+"""Structured logging: JSON lines when not on a terminal, readable text when on one."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from pythonjsonlogger.json import JsonFormatter
+
+from shared.settings import Settings
+
+_context: dict[str, object] = {}
+
+
+class _ContextFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        for key, value in _context.items():
+            setattr(record, key, value)
+        return True
+
+
+def bind(**fields: object) -> None:
+    """Fields (service, consumer group, model version) added to every later record."""
+    _context.update(fields)
+
+
+def setup_logging(settings: Settings, service: str) -> logging.Logger:
+    use_json = settings.log_format == "json" or (
+        settings.log_format == "auto" and not sys.stderr.isatty())
+    handler = logging.StreamHandler(sys.stderr)
+    if use_json:
+        handler.setFormatter(JsonFormatter(
+            "%(asctime)s %(levelname)s %(name)s %(message)s",
+            rename_fields={"asctime": "time", "levelname": "level", "name": "logger"}))
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    handler.addFilter(_ContextFilter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(settings.log_level)
+    # kafka-python logs every reconnect attempt at WARNING/ERROR; the services report outages.
+    logging.getLogger("kafka").setLevel(max(logging.getLevelName(settings.log_level),
+                                            logging.ERROR))
+    bind(service=service)
+    return logging.getLogger(f"cofeat.{service}")
