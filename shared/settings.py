@@ -44,6 +44,8 @@ class Settings(BaseSettings):
     kafka_sasl_password: SecretStr | None = None
     kafka_ssl_cafile: Path | None = None
     kafka_client_id: str = "cofeat"
+    topic_prefix: str = Field("", pattern=r"^[A-Za-z0-9._-]*$",
+                              description="prepended to every topic name")
     kafka_partitions: int = Field(4, ge=1, description="partitions for topics cofeat creates")
     kafka_replication_factor: int = Field(1, ge=1)
     kafka_session_timeout_ms: int = Field(10_000, ge=1000)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 from kafka import KafkaAdminClient
@@ -15,8 +16,9 @@ from shared.settings import Settings
 log = logging.getLogger(__name__)
 
 
-def ensure_topics(settings: Settings, names=topics.ALL_TOPICS) -> list[str]:
+def ensure_topics(settings: Settings, names: tuple[str, ...] | None = None) -> list[str]:
     """Create the topics that do not exist yet; returns the names it created."""
+    names = names or topics.all_topics(settings.topic_prefix)
     admin = KafkaAdminClient(**client_config(settings))
     try:
         existing = set(admin.list_topics())
@@ -24,10 +26,9 @@ def ensure_topics(settings: Settings, names=topics.ALL_TOPICS) -> list[str]:
         if missing:
             new = [NewTopic(n, settings.kafka_partitions, settings.kafka_replication_factor)
                    for n in missing]
-            try:
+            # Another process may win the race; that is fine.
+            with contextlib.suppress(TopicAlreadyExistsError):
                 admin.create_topics(new)
-            except TopicAlreadyExistsError:
-                pass  # another process won the race
             log.info("created topics %s", missing)
         return missing
     finally:
