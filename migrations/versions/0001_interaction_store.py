@@ -26,6 +26,8 @@ def upgrade() -> None:
         sa.Column("ts", sa.DateTime(timezone=True), nullable=False),
         sa.CheckConstraint("type BETWEEN 0 AND 3", name="interactions_type_known"),
     )
+    op.execute("ALTER TABLE interactions ADD COLUMN ingest_xid xid8 NOT NULL "
+               "DEFAULT pg_current_xact_id()")
     op.create_table(
         "project_events",
         sa.Column("event_id", sa.Text, primary_key=True),

@@ -15,10 +15,22 @@ from sqlalchemy import (
     Table,
     Text,
     func,
+    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.types import UserDefinedType
 
 metadata = MetaData()
+
+
+class XID8(UserDefinedType):
+    """Postgres `xid8`: the inserting transaction, to tell exactly what a snapshot missed."""
+
+    cache_ok = True
+
+    def get_col_spec(self, **kw) -> str:
+        return "xid8"
+
 
 # One row per event; `seq` orders ingestion so refreshes can pick up "what is new since".
 interactions = Table(
@@ -30,6 +42,10 @@ interactions = Table(
     Column("type", SmallInteger, nullable=False,
            comment="0 view, 1 appreciate, 2 comment, 3 own (see shared.events)"),
     Column("ts", DateTime(timezone=True), nullable=False),
+    # seq alone cannot say what a refresh missed: concurrent batches commit out of seq order.
+    # A refresh records pg_current_snapshot(); the next one re-reads rows whose ingest_xid
+    # that snapshot did not see (pg_visible_in_snapshot).
+    Column("ingest_xid", XID8, nullable=False, server_default=text("pg_current_xact_id()")),
     CheckConstraint("type BETWEEN 0 AND 3", name="interactions_type_known"),
 )
 

@@ -1,0 +1,22 @@
+"""Plain psycopg connections for the fast paths (COPY), with the same URL and TLS settings."""
+
+from __future__ import annotations
+
+import psycopg
+from sqlalchemy.engine import make_url
+
+from shared.settings import Settings
+
+
+def conninfo(url: str) -> str:
+    """A libpq URI from any postgresql URL (drops a SQLAlchemy `+driver` suffix)."""
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+def connect(settings: Settings, url: str | None = None, **kwargs) -> psycopg.Connection:
+    options: dict = {}
+    if settings.database_sslmode:
+        options["sslmode"] = settings.database_sslmode
+    if settings.database_sslrootcert:
+        options["sslrootcert"] = str(settings.database_sslrootcert)
+    return psycopg.connect(conninfo(url or settings.require_database_url()), **options, **kwargs)
