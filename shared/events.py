@@ -83,13 +83,24 @@ def _field(value: dict, name: str):
     return value[name]
 
 
+def _text(value: str, name: str) -> str:
+    # JSON allows "\u0000" and lone surrogates; Postgres text and UTF-8 do not.
+    if "\x00" in value:
+        raise InvalidEvent("bad_text", f"{name} contains NUL")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidEvent("bad_text", f"{name} is not valid Unicode") from None
+    return value
+
+
 def _event_id(value: dict) -> str:
     event_id = _field(value, "event_id")
     if not isinstance(event_id, str):
         raise InvalidEvent("wrong_type", "event_id must be a string")
     if not 1 <= len(event_id) <= MAX_EVENT_ID_LEN:
         raise InvalidEvent("bad_event_id", f"length {len(event_id)} not in 1..64")
-    return event_id
+    return _text(event_id, "event_id")
 
 
 def _id(value: dict, name: str) -> int:
@@ -158,6 +169,7 @@ def parse_project(raw: bytes | None) -> ProjectEvent:
     image_uri = _field(value, "image_uri")
     if not isinstance(image_uri, str) or not image_uri:
         raise InvalidEvent("wrong_type", "image_uri must be a non-empty string")
+    _text(image_uri, "image_uri")
     return ProjectEvent(event_id, kind, project_id, owner_id, image_uri,
                         parse_ts(_field(value, "ts")))
 

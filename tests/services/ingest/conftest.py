@@ -1,0 +1,139 @@
+"""Helpers for ingest tests: produce raw events, run `cofeat ingest` as a real process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psycopg
+import pytest
+from kafka import KafkaConsumer, KafkaProducer
+
+from shared import topics
+from shared.events import (
+    Interaction,
+    InteractionType,
+    ProjectEvent,
+    interaction_value,
+    project_value,
+)
+from shared.kafka.admin import ensure_topics
+from shared.kafka.config import client_config, producer_config
+from shared.settings import Settings
+
+T0 = 1_750_000_000_000
+
+
+def settings_env(settings: Settings, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COFEAT_")}
+    env.update({
+        "COFEAT_DATABASE_URL": settings.database_url.get_secret_value(),
+        "COFEAT_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
+        "COFEAT_TOPIC_PREFIX": settings.topic_prefix,
+        "COFEAT_DATA_DIR": str(settings.data_dir),
+        "COFEAT_KAFKA_SESSION_TIMEOUT_MS": str(settings.kafka_session_timeout_ms),
+        "COFEAT_KAFKA_HEARTBEAT_INTERVAL_MS": str(settings.kafka_heartbeat_interval_ms),
+        "COFEAT_LOG_FORMAT": "text",
+        "COFEAT_INGEST_RETRY_MAX_S": "1",
+    })
+    env.update(extra)
+    return env
+
+
+def cofeat(*args: str) -> list[str]:
+    return [sys.executable, "-m", "services", *args]
+
+
+def start_ingest(settings: Settings, log: Path, *args: str, **env) -> subprocess.Popen:
+    return subprocess.Popen(cofeat("ingest", *args), env=settings_env(settings, **env),
+                            stdout=log.open("ab"), stderr=subprocess.STDOUT)
+
+
+def run_ingest(settings: Settings, log: Path, *args: str, timeout: float = 120) -> int:
+    proc = start_ingest(settings, log, "--drain", *args)
+    try:
+        return proc.wait(timeout)
+    finally:
+        proc.kill()
+
+
+def interaction(n: int, user: int | None = None, project: int | None = None,
+                kind: InteractionType = InteractionType.view) -> Interaction:
+    user = n % 97 if user is None else user
+    return Interaction(f"e{n}", kind, user, 1000 + n % 31 if project is None else project,
+                       T0 + n)
+
+
+def project(n: int, kind: str = "published", ts: int | None = None) -> ProjectEvent:
+    return ProjectEvent(f"p{n}-{kind}", kind, 1000 + n, 5000 + n, f"/images/{n}.png",
+                        T0 + n if ts is None else ts)
+
+
+class Producer:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.producer = KafkaProducer(**producer_config(settings, linger_ms=20,
+                                                        batch_size=256 * 1024))
+        self.interactions = topics.interactions(settings.topic_prefix)
+        self.projects = topics.projects(settings.topic_prefix)
+
+    def raw(self, topic: str, key: bytes | None, value: bytes | None) -> None:
+        self.producer.send(topic, key=key, value=value)
+
+    def interactions_(self, events) -> None:
+        for e in events:
+            self.raw(self.interactions, str(e.user_id).encode(), interaction_value(e))
+
+    def projects_(self, events) -> None:
+        for e in events:
+            self.raw(self.projects, str(e.project_id).encode(), project_value(e))
+
+    def flush(self) -> None:
+        self.producer.flush(30)
+
+    def close(self) -> None:
+        self.producer.close(10)
+
+
+@pytest.fixture
+def producer(settings):
+    ensure_topics(settings)
+    p = Producer(settings)
+    yield p
+    p.close()
+
+
+def read_dlq(settings: Settings, topic: str, expected: int, timeout_s: float = 20) -> list:
+    consumer = KafkaConsumer(topics.dlq_topic(topic), **client_config(settings),
+                             auto_offset_reset="earliest", consumer_timeout_ms=3000)
+    records = []
+    deadline = time.monotonic() + timeout_s
+    while len(records) < expected and time.monotonic() < deadline:
+        for batch in consumer.poll(timeout_ms=1000).values():
+            records.extend(batch)
+    consumer.close()
+    return records
+
+
+def fetch_one(settings: Settings, topic: str, partition: int, offset: int) -> bytes | None:
+    from kafka import TopicPartition
+
+    consumer = KafkaConsumer(**client_config(settings))
+    tp = TopicPartition(topic, partition)
+    consumer.assign([tp])
+    consumer.seek(tp, offset)
+    try:
+        for _ in range(20):
+            for record in consumer.poll(timeout_ms=500).get(tp, []):
+                return record.value
+        raise AssertionError(f"no record at {topic}[{partition}]@{offset}")
+    finally:
+        consumer.close()
+
+
+def count(db_url: str, sql: str) -> int:
+    with psycopg.connect(db_url) as conn:
+        return conn.execute(sql).fetchone()[0]
