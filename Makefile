@@ -1,0 +1,40 @@
+# The two commands of the README: `make demo` and `make test`. Both set up .venv themselves.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+SCALE ?= small
+export OMP_WAIT_POLICY ?= PASSIVE
+export PYTHONDONTWRITEBYTECODE = 1
+
+.PHONY: install demo test test-pg18 lint bench-ingest clean-data
+
+$(STAMP): pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (Python 3.11)"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/cofeat demo --scale $(SCALE)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+test: $(STAMP) lint
+	$(BIN)/pytest
+
+# The store must keep working on the embedded Postgres 18 as well as on a server given
+# through COFEAT_DATABASE_URL (CI gives PostgreSQL 15): run the store-level tests on 18.
+test-pg18: $(STAMP)
+	env -u COFEAT_DATABASE_URL $(BIN)/pytest tests/shared/db tests/services/ingest/test_ingest.py
+
+bench-ingest: $(STAMP)
+	$(BIN)/python -m benchmarks.ingest
+
+clean-data:
+	-$(BIN)/cofeat dev down
+	rm -rf data
