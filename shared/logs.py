@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 
 from pythonjsonlogger.json import JsonFormatter
 
@@ -16,6 +17,29 @@ class _ContextFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         for key, value in _context.items():
             setattr(record, key, value)
+        return True
+
+
+class _OncePerInterval(logging.Filter):
+    """kafka-python logs every failed reconnect, several per second during an outage:
+    let one of its records through per interval and count the rest."""
+
+    def __init__(self, prefix: str, interval_s: float = 30.0):
+        super().__init__()
+        self.prefix, self.interval_s = prefix, interval_s
+        self.last = -interval_s
+        self.suppressed = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith(self.prefix):
+            return True
+        now = time.monotonic()
+        if now - self.last < self.interval_s:
+            self.suppressed += 1
+            return False
+        if self.suppressed:
+            record.msg = f"{record.msg} ({self.suppressed} similar messages suppressed)"
+        self.last, self.suppressed = now, 0
         return True
 
 
@@ -35,10 +59,10 @@ def setup_logging(settings: Settings, service: str) -> logging.Logger:
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
     handler.addFilter(_ContextFilter())
+    handler.addFilter(_OncePerInterval("kafka"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(settings.log_level)
-    # kafka-python logs every reconnect attempt at WARNING/ERROR; the services report outages.
     logging.getLogger("kafka").setLevel(max(logging.getLevelName(settings.log_level),
                                             logging.ERROR))
     bind(service=service)

@@ -134,6 +134,21 @@ class Ingestor:
                 self.consumer.seek(tp, offset)
         log.info("assigned %s", ", ".join(f"{t.topic}[{t.partition}]" for t in assigned))
 
+    def rewind_truncated(self) -> None:
+        """A log that ends before our position was recreated or truncated on the broker.
+
+        Kafka answers such a fetch with OffsetOutOfRange and the client resets to the
+        earliest offset; brokers that just return nothing would stall us forever. Reading
+        from the beginning is safe: stored events are deduplicated by event_id.
+        """
+        for tp in self.consumer.assignment():
+            high = self.consumer.highwater(tp)
+            if high is not None and self.consumer.position(tp) > high:
+                log.warning("%s[%d] ends at %d, before our position %d: the topic was "
+                            "recreated or truncated; reading it from the beginning",
+                            tp.topic, tp.partition, high, self.consumer.position(tp))
+                self.consumer.seek_to_beginning(tp)
+
     def caught_up(self) -> bool:
         if not self.joined:
             return False
@@ -210,6 +225,7 @@ class Ingestor:
                 if len(batch) and not self.store(batch):
                     break
                 meter.tick(len(batch), self)
+                self.rewind_truncated()
                 self._report_lag()
                 if self.drain and self.caught_up():
                     log.info("caught up on every assigned partition; draining done")

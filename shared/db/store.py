@@ -2,7 +2,10 @@
 
 Rows go through COPY into temporary staging tables, then `INSERT … ON CONFLICT DO NOTHING`
 into the real tables, so a replayed event is stored once. The consumer's next offsets are
-written in the same transaction: the store and its position never disagree.
+written in the same transaction: the store and its position never disagree. Offsets may
+move backwards (a partition reset to its beginning, a late write from a consumer that lost
+its partitions): that only replays events, which the primary key absorbs; a forward jump
+could skip events, and none is ever written without the events before it.
 """
 
 from __future__ import annotations
@@ -65,11 +68,10 @@ ON CONFLICT (event_id) DO NOTHING
 """
 
 _UPSERT_OFFSETS = """
-INSERT INTO consumer_offsets AS o (group_id, topic, partition, next_offset)
+INSERT INTO consumer_offsets (group_id, topic, partition, next_offset)
 VALUES (%s, %s, %s, %s)
 ON CONFLICT (group_id, topic, partition) DO UPDATE
 SET next_offset = EXCLUDED.next_offset, updated_at = now()
-WHERE o.next_offset < EXCLUDED.next_offset
 """
 
 _ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
