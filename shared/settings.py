@@ -53,6 +53,10 @@ class Settings(BaseSettings):
 
     milvus_token: SecretStr | None = None
 
+    # Ports `cofeat dev up` gives the servers it starts (Postgres listens on a unix socket).
+    dev_kafka_port: int = Field(19092, ge=1, le=65535)
+    dev_milvus_port: int = Field(19530, ge=1, le=65535)
+
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["auto", "json", "text"] = "auto"
     metrics_port: int = Field(0, ge=0, le=65535, description="0 disables /metrics")
@@ -61,6 +65,35 @@ class Settings(BaseSettings):
     ingest_max_records: int = Field(5000, ge=1)
     ingest_poll_timeout_ms: int = Field(500, ge=1)
     ingest_retry_max_s: float = Field(30.0, gt=0)
+
+    # Factorization (docs/factors.md). Confidence per (user, project) pair:
+    # 1 + als_alpha * log(1 + sum of event weights / als_eps).
+    als_factors: int = Field(64, ge=1)
+    als_regularization: float = Field(0.05, ge=0)
+    als_alpha: float = Field(4.0, gt=0)
+    als_eps: float = Field(1.0, gt=0)
+    als_iterations: int = Field(15, ge=1)
+    als_threads: int = Field(0, ge=0, description="0: all cores")
+    als_use_gpu: bool = Field(True, description="use implicit.gpu when CUDA is present")
+    als_incremental_sweeps: int = Field(2, ge=1, description="user+item passes per refresh")
+    als_seed: int = 0
+    weight_view: float = Field(1.0, ge=0)
+    weight_appreciate: float = Field(4.0, ge=0)
+    weight_comment: float = Field(4.0, ge=0)
+    weight_own: float = Field(8.0, ge=0)
+    filter_min_user_count: int = Field(3, ge=0, description="projects a user needs to stay")
+    filter_min_item_count: int = Field(3, ge=0, description="users a project needs to stay")
+    filter_top_user_pct: float = Field(0.1, ge=0, lt=100, description="most active users dropped")
+    filter_top_item_pct: float = Field(0.1, ge=0, lt=100, description="most popular dropped")
+    eval_fraction: float = Field(0.05, gt=0, le=1, description="users with one held-out pair")
+    eval_max_users: int = Field(5000, ge=1)
+    eval_k: int = Field(20, ge=1)
+    refresh_full_every: int = Field(24, ge=1, description="full refit after N versions")
+    refresh_full_max_age_s: float = Field(86_400.0, gt=0, description="or when this old")
+    refresh_drift_threshold: float = Field(
+        0.1, gt=0, description="full refit when changed/total non-zeros since the last one exceeds")
+    refresh_promote_margin: float = Field(
+        0.1, ge=0, description="reject if recall@k < parent's * (1 - margin)")
 
     @field_validator("kafka_bootstrap")
     @classmethod

