@@ -52,6 +52,12 @@ class Settings(BaseSettings):
     kafka_heartbeat_interval_ms: int = Field(3_000, ge=100)
 
     milvus_token: SecretStr | None = None
+    milvus_prefix: str = Field("", pattern=r"^[A-Za-z0-9_]*$",
+                               description="prepended to collection and alias names")
+    milvus_timeout_s: float = Field(10.0, gt=0)
+    milvus_hnsw_m: int = Field(16, ge=4, le=64)
+    milvus_hnsw_ef_construction: int = Field(200, ge=8)
+    milvus_search_ef: int = Field(64, ge=1)
 
     # Ports `cofeat dev up` gives the servers it starts (Postgres listens on a unix socket).
     dev_kafka_port: int = Field(19092, ge=1, le=65535)

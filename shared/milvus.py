@@ -1,0 +1,60 @@
+"""The Milvus contract: collection and alias names, schemas, index and search parameters.
+
+Queries always go through the aliases; a new model version fills a new collection
+`<prefix>cofeat_projects_v<model>` and the alias moves to it in one `alter_alias`, so a
+query never sees a half-filled collection or a mix of model versions.
+"""
+
+from __future__ import annotations
+
+from pymilvus import DataType, MilvusClient
+
+from shared.settings import Settings
+
+PROJECTS = "cofeat_projects"
+USERS = "cofeat_users"
+VECTOR_FIELD = "embedding"
+
+
+def alias(settings: Settings, kind: str) -> str:
+    return settings.milvus_prefix + kind
+
+
+def collection_name(settings: Settings, kind: str, model_version: int) -> str:
+    return f"{settings.milvus_prefix}{kind}_v{model_version}"
+
+
+def connect(settings: Settings) -> MilvusClient:
+    token = settings.milvus_token.get_secret_value() if settings.milvus_token else ""
+    return MilvusClient(uri=settings.require_milvus_uri(), token=token,
+                        timeout=settings.milvus_timeout_s)
+
+
+def project_schema(dim: int):
+    schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+    schema.add_field("project_id", DataType.INT64, is_primary=True)
+    schema.add_field(VECTOR_FIELD, DataType.FLOAT_VECTOR, dim=dim)
+    schema.add_field("model_version", DataType.INT64)
+    schema.add_field("owner_id", DataType.INT64)
+    schema.add_field("published_at", DataType.INT64, description="epoch ms")
+    return schema
+
+
+def user_schema(dim: int):
+    schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+    schema.add_field("user_id", DataType.INT64, is_primary=True)
+    schema.add_field(VECTOR_FIELD, DataType.FLOAT_VECTOR, dim=dim)
+    schema.add_field("model_version", DataType.INT64)
+    return schema
+
+
+def index_params(settings: Settings):
+    params = MilvusClient.prepare_index_params()
+    params.add_index(field_name=VECTOR_FIELD, index_type="HNSW", metric_type="COSINE",
+                     params={"M": settings.milvus_hnsw_m,
+                             "efConstruction": settings.milvus_hnsw_ef_construction})
+    return params
+
+
+def search_params(settings: Settings) -> dict:
+    return {"metric_type": "COSINE", "params": {"ef": settings.milvus_search_ef}}
