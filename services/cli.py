@@ -23,6 +23,7 @@ SERVICES = [
     ("serve", "services.serve.cli", None),
     ("eval", "services.evaluate.cli", None),
     ("run", "services.supervisor.cli", None),
+    ("status", "services.supervisor.status_cli", None),
 ]
 
 

@@ -67,6 +67,11 @@ class Settings(BaseSettings):
     log_format: Literal["auto", "json", "text"] = "auto"
     metrics_port: int = Field(0, ge=0, le=65535, description="0 disables /metrics")
 
+    run_services: str = Field("ingest,refresh,embed,serve",
+                              description="what `cofeat run` starts, comma-separated")
+    run_ingest_replicas: int = Field(1, ge=1, le=64)
+    run_refresh_every: str = Field("10m", pattern=r"^\d+(\.\d+)?[smhd]?$")
+
     ingest_group: str = "cofeat-ingest"
     ingest_max_records: int = Field(5000, ge=1)
     ingest_poll_timeout_ms: int = Field(500, ge=1)
@@ -100,6 +105,17 @@ class Settings(BaseSettings):
         0.1, gt=0, description="full refit when changed/total non-zeros since the last one exceeds")
     refresh_promote_margin: float = Field(
         0.1, ge=0, description="reject if recall@k < parent's * (1 - margin)")
+
+    # The query API (`cofeat serve`, `cofeat search`).
+    api_token: SecretStr | None = Field(
+        None, description="when set, query endpoints require `Authorization: Bearer <it>`")
+    serve_host: str = "0.0.0.0"
+    serve_port: int = Field(8080, ge=1, le=65535)
+    serve_max_upload_bytes: int = Field(5 * 1024 * 1024, ge=1024)
+    serve_max_image_pixels: int = Field(40_000_000, ge=1, description="decompression bombs")
+    serve_new_window_s: float = Field(7 * 86_400.0, gt=0, description="'new' projects age")
+    serve_model_check_s: float = Field(30.0, gt=0, description="how often to look for a "
+                                       "newer CNN model")
 
     @field_validator("kafka_bootstrap")
     @classmethod

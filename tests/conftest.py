@@ -145,3 +145,14 @@ def settings(db_url, broker, data_dir) -> Settings:
         database_url=db_url, kafka_bootstrap=broker, data_dir=data_dir,
         topic_prefix=f"t{uuid.uuid4().hex[:8]}.", kafka_session_timeout_ms=6000,
         kafka_heartbeat_interval_ms=2000, log_format="text", milvus_uri="http://127.0.0.1:0")
+
+
+@pytest.fixture
+def producer(settings):
+    from shared.kafka.admin import ensure_topics
+    from tests.helpers import Producer
+
+    ensure_topics(settings)
+    p = Producer(settings)
+    yield p
+    p.close()

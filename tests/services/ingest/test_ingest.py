@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from services.ingest import dlq
-from tests.services.ingest.conftest import (
+from tests.helpers import (
     count,
     fetch_one,
     interaction,

@@ -8,8 +8,7 @@ import urllib.request
 
 from shared.kafka.admin import ensure_topics
 from tests.conftest import free_port, start_tansu
-from tests.services.ingest.conftest import Producer, interaction, start_ingest
-from tests.services.ingest.test_resilience import stored, wait_until
+from tests.helpers import Producer, interaction, start_ingest, stored, wait_until
 
 
 def _get(url: str) -> tuple[int, str]:

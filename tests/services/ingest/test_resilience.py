@@ -16,32 +16,18 @@ from pydantic import SecretStr
 
 from shared.db.engine import make_engine, upgrade
 from shared.settings import Settings
-from tests.services.ingest.conftest import (
+from tests.helpers import (
     cofeat,
     count,
     interaction,
     run_ingest,
     settings_env,
     start_ingest,
+    stored,
+    wait_until,
 )
 
 N = 30_000
-
-
-def wait_until(predicate, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def stored(db_url: str) -> int:
-    try:
-        return count(db_url, "SELECT count(*) FROM interactions")
-    except psycopg.OperationalError:
-        return -1
 
 
 def test_sigkill_mid_stream_then_restart_stores_each_event_once(settings, producer, db_url,

@@ -1,4 +1,4 @@
-"""Helpers for ingest tests: produce raw events, run `cofeat ingest` as a real process."""
+"""Test helpers: produce raw events, run `cofeat` services as real processes, wait, count."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import psycopg
-import pytest
 from kafka import KafkaConsumer, KafkaProducer
 
 from shared import topics
@@ -20,7 +19,6 @@ from shared.events import (
     interaction_value,
     project_value,
 )
-from shared.kafka.admin import ensure_topics
 from shared.kafka.config import client_config, producer_config
 from shared.settings import Settings
 
@@ -98,14 +96,6 @@ class Producer:
         self.producer.close(10)
 
 
-@pytest.fixture
-def producer(settings):
-    ensure_topics(settings)
-    p = Producer(settings)
-    yield p
-    p.close()
-
-
 def read_dlq(settings: Settings, topic: str, expected: int, timeout_s: float = 20) -> list:
     consumer = KafkaConsumer(topics.dlq_topic(topic), **client_config(settings),
                              auto_offset_reset="earliest", consumer_timeout_ms=3000)
@@ -137,3 +127,20 @@ def fetch_one(settings: Settings, topic: str, partition: int, offset: int) -> by
 def count(db_url: str, sql: str) -> int:
     with psycopg.connect(db_url) as conn:
         return conn.execute(sql).fetchone()[0]
+
+
+def wait_until(predicate, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def stored(db_url: str) -> int:
+    """Interactions stored so far; -1 while the database is unreachable."""
+    try:
+        return count(db_url, "SELECT count(*) FROM interactions")
+    except psycopg.OperationalError:
+        return -1
