@@ -1,0 +1,1 @@
+"""Collaborative feature learning: a CNN that predicts latent factors from images."""

@@ -1,0 +1,302 @@
+"""The image model shared by training (refresh) and serving (embedder).
+
+One file holds a model: its state_dict plus the `ModelConfig` that rebuilds it, so the
+embedder never needs training code. Preprocessing lives here too, so a project's image is
+turned into the same tensor at training and at serving time (training only adds a random
+crop box in front of it).
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+# ImageNet statistics: harmless when training from scratch, required for imported weights.
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+FORMAT_VERSION = 1
+
+ImageInput = str | os.PathLike | Image.Image
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    backbone: str = "small"  # "small" | "resnet18"
+    out_dim: int = 32  # factor dimension (regress) or number of pseudo-classes
+    head: str = "linear"  # "linear" | "mlp"
+    head_hidden: int = 256
+    feature: str = "head"  # what embed() returns: "head" (factor space) | "penultimate"
+    image_size: int = 64
+    channels_last: bool = True
+    stem: str = "small-image"  # resnet18 only: "small-image" (/2) | "imagenet" (/4)
+
+    def __post_init__(self) -> None:
+        if self.backbone not in ("small", "resnet18"):
+            raise ValueError(f"unknown backbone {self.backbone!r}")
+        if self.head not in ("linear", "mlp"):
+            raise ValueError(f"unknown head {self.head!r}")
+        if self.feature not in ("head", "penultimate"):
+            raise ValueError(f"unknown feature {self.feature!r}")
+        if self.stem not in ("small-image", "imagenet"):
+            raise ValueError(f"unknown stem {self.stem!r}")
+
+    @classmethod
+    def from_dict(cls, value: dict) -> ModelConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in value.items() if k in known})
+
+
+# -- architecture ---------------------------------------------------------------------
+
+
+def _small_backbone() -> tuple[nn.Module, int]:
+    layers: list[nn.Module] = []
+    channels = 3
+    for width in (16, 32, 64, 128):
+        layers += [nn.Conv2d(channels, width, 3, padding=1, bias=False),
+                   nn.BatchNorm2d(width), nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+        channels = width
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+    return nn.Sequential(*layers), channels
+
+
+def _resnet18_backbone(stem: str) -> tuple[nn.Module, int]:
+    from torchvision.models import resnet18
+
+    net = resnet18(weights=None)
+    if stem == "small-image":
+        # The ImageNet stem (7x7 stride 2 + max-pool, /4) leaves a 2x2 map at 64 px and
+        # averages away fine texture, the style users respond to. A 3x3 stride-2 conv
+        # without max-pool (/2) ends at 4x4 for 64 px and 8x8 for 128 px, at ~4x the
+        # compute. Key names stay torchvision's, so imported weights load except conv1;
+        # "imagenet" keeps the original stem (cheaper, and conv1 loads too).
+        net.conv1 = nn.Conv2d(3, 64, 3, stride=2, padding=1, bias=False)
+        net.maxpool = nn.Identity()
+    net.fc = nn.Identity()
+    return net, 512
+
+
+class CofeatNet(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        if config.backbone == "small":
+            self.backbone, self.feature_dim = _small_backbone()
+        else:
+            self.backbone, self.feature_dim = _resnet18_backbone(config.stem)
+        if config.head == "linear":
+            self.head = nn.Linear(self.feature_dim, config.out_dim)
+        else:
+            self.head = nn.Sequential(
+                nn.Linear(self.feature_dim, config.head_hidden), nn.ReLU(inplace=True),
+                nn.Linear(config.head_hidden, config.out_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw head output: factor estimate (regress) or class logits (pseudo-class)."""
+        return self.head(self.backbone(x))
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """L2-normalized feature used for retrieval."""
+        features = self.backbone(x)
+        if self.config.feature == "head":
+            features = self.head(features)
+        return F.normalize(features.float(), dim=1)
+
+
+def build_model(config: ModelConfig) -> CofeatNet:
+    model = CofeatNet(config)
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def load_backbone_weights(model: CofeatNet, path: str | os.PathLike) -> dict[str, list[str]]:
+    """Copy matching tensors from a local state_dict file into the backbone.
+
+    Accepts a plain torchvision state_dict or a cofeat model file. Tensors whose name or
+    shape differ (the adapted stem, the classifier) are skipped and reported, not fatal.
+    """
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    state = payload.get("state_dict", payload)
+    prefix = "backbone." if any(k.startswith("backbone.") for k in state) else ""
+    own = model.backbone.state_dict()
+    loaded, skipped = [], []
+    for name, tensor in state.items():
+        if not name.startswith(prefix):
+            continue
+        key = name[len(prefix):]
+        if key in own and own[key].shape == tensor.shape:
+            own[key] = tensor
+            loaded.append(key)
+        else:
+            skipped.append(key)
+    model.backbone.load_state_dict(own)
+    return {"loaded": loaded, "skipped": skipped}
+
+
+# -- files ----------------------------------------------------------------------------
+
+
+def save_model(path: str | os.PathLike, model: CofeatNet, config: ModelConfig | None = None,
+               extra: dict | None = None) -> Path:
+    """Write state_dict + config (+ JSON-like `extra`) to one file, atomically."""
+    config = config or model.config
+    payload = {"format": FORMAT_VERSION, "config": asdict(config),
+               "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+               "extra": extra or {}}
+    return atomic_torch_save(payload, path)
+
+
+def load_model(path: str | os.PathLike,
+               device: torch.device | str | None = None) -> tuple[CofeatNet, dict]:
+    """Rebuild a saved model in eval mode; returns (model, extra)."""
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    if payload.get("format") != FORMAT_VERSION:
+        raise ValueError(f"{path}: not a cofeat model file (format {payload.get('format')})")
+    model = build_model(ModelConfig.from_dict(payload["config"]))
+    model.load_state_dict(payload["state_dict"])
+    return model.to(device or pick_device()).eval(), payload.get("extra", {})
+
+
+def atomic_torch_save(payload: object, path: str | os.PathLike) -> Path:
+    # Write beside the target, fsync, rename: a crash leaves the old file or the new one.
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "wb") as handle:
+            torch.save(payload, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+# -- preprocessing --------------------------------------------------------------------
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+device = pick_device  # the name other services call
+
+
+def open_rgb(image: ImageInput, image_size: int | None = None) -> Image.Image:
+    """Decode to RGB. Raises OSError/ValueError on unreadable files (callers decide)."""
+    if isinstance(image, Image.Image):
+        return _rgb(image)
+    with Image.open(image) as img:
+        if image_size:
+            # JPEG decodes at 1/2..1/8 scale for free; keep at least 2x the target size.
+            img.draft("RGB", (2 * image_size, 2 * image_size))
+        return _rgb(img)
+
+
+def _rgb(img: Image.Image) -> Image.Image:
+    # Transparent areas go on white, as a page shows them; a plain convert would expose
+    # whatever colour the invisible pixels happen to hold (often black).
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        page = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(page, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def resize_crop(img: Image.Image, image_size: int,
+                box: tuple[int, int, int, int] | None = None) -> Image.Image:
+    """Crop `box` (default: the centred square), then resize to image_size x image_size.
+
+    A square crop rather than a stretch: distorting aspect ratio changes texture scale.
+    """
+    if box is None:
+        width, height = img.size
+        side = min(width, height)
+        left, top = (width - side) // 2, (height - side) // 2
+        box = (left, top, left + side, top + side)
+    return img.resize((image_size, image_size), Image.Resampling.BILINEAR, box=box,
+                      reducing_gap=2.0)
+
+
+def to_tensor(img: Image.Image) -> torch.Tensor:
+    """uint8 RGB image -> normalized float CHW tensor."""
+    array = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())
+    tensor = array.permute(2, 0, 1).float().div_(255)
+    mean = torch.tensor(MEAN).view(3, 1, 1)
+    std = torch.tensor(STD).view(3, 1, 1)
+    return tensor.sub_(mean).div_(std)
+
+
+def preprocess(image: ImageInput, image_size: int) -> torch.Tensor:
+    """The serving path: decode, centre square, resize, normalize."""
+    return to_tensor(resize_crop(open_rgb(image, image_size), image_size))
+
+
+def read_pixels(image: ImageInput, image_size: int) -> np.ndarray:
+    """The same view as `preprocess`, as uint8 HxWx3 (for hand-crafted baselines)."""
+    return np.asarray(resize_crop(open_rgb(image, image_size), image_size), dtype=np.uint8)
+
+
+# -- inference ------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def embed_images(model: CofeatNet, images: Sequence[ImageInput], batch_size: int = 64,
+                 device: torch.device | str | None = None,
+                 num_workers: int = 0) -> np.ndarray:
+    """L2-normalized float32 features, one row per image; unreadable images raise.
+
+    `device` moves the model there (default: where it is). `num_workers` > 0 decodes in
+    DataLoader worker processes, which pays off for large lists of paths.
+    """
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    model = model.to(device).eval()
+    out = np.zeros((len(images), _embed_dim(model)), dtype=np.float32)
+    loader = DataLoader(
+        _Preprocessed(images, model.config.image_size), batch_size=batch_size,
+        num_workers=num_workers, pin_memory=device.type == "cuda")
+    start = 0
+    for batch in loader:
+        out[start:start + len(batch)] = _embed_batch(model, batch.to(device)).cpu().numpy()
+        start += len(batch)
+    return out
+
+
+class _Preprocessed(Dataset):
+    def __init__(self, images: Sequence[ImageInput], image_size: int) -> None:
+        self.images, self.image_size = images, image_size
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return preprocess(self.images[index], self.image_size)
+
+
+def _embed_dim(model: CofeatNet) -> int:
+    return model.config.out_dim if model.config.feature == "head" else model.feature_dim
+
+
+def _embed_batch(model: CofeatNet, batch: torch.Tensor) -> torch.Tensor:
+    if model.config.channels_last:
+        batch = batch.contiguous(memory_format=torch.channels_last)
+    with autocast(batch.device):
+        return model.embed(batch)
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA only: on CPU it is slower and would break bit-exact tests."""
+    enabled = device.type == "cuda"
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
