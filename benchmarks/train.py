@@ -24,7 +24,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from services.refresh.cnn.data import Augment, ImageTargets  # noqa: E402
+from shared.training.data import Augment, ImageTargets  # noqa: E402
 from shared.vision import ModelConfig, autocast, build_model, pick_device  # noqa: E402
 
 

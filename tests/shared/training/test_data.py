@@ -6,8 +6,8 @@ import torch
 from PIL import Image
 from prometheus_client import REGISTRY
 
-from services.refresh.cnn.data import Augment, ImageTargets, collate, crop_box, holdout_mask
-from services.refresh.cnn.train import Split, TrainConfig, train
+from shared.training.data import Augment, ImageTargets, collate, crop_box, holdout_mask
+from shared.training.train import Split, TrainConfig, train
 from shared.vision import ModelConfig, preprocess
 from tests.synth import make_world
 

@@ -25,7 +25,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from torch.utils.data import DataLoader, RandomSampler, WeightedRandomSampler
 from tqdm import tqdm
 
-from services.refresh.cnn.data import (
+from shared.training.data import (
     Augment,
     Batch,
     ImageTargets,
@@ -492,7 +492,7 @@ def _finish(model, model_config, config, state, out_dir, extra) -> TrainResult:
     model_path = save_model(out_dir / "model.pt", model.cpu().eval(), model_config,
                             json.loads(json.dumps(payload_extra, default=str)))
     if history:
-        from services.refresh.cnn.curves import plot_curves
+        from shared.training.curves import plot_curves
 
         plot_curves(history, out_dir / "curves.png")
     return TrainResult(model, history, metrics, list(state["skipped"]), model_path)

@@ -6,9 +6,9 @@ import torch
 from prometheus_client import REGISTRY
 
 from services.evaluate.metrics import map_at_k
-from services.refresh.cnn.data import ImageTargets
-from services.refresh.cnn.targets import make_targets
-from services.refresh.cnn.train import (
+from shared.training.data import ImageTargets
+from shared.training.targets import make_targets
+from shared.training.train import (
     Split,
     TrainConfig,
     fine_tune,

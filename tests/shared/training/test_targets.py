@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from services.refresh.cnn.targets import assign, kmeans, make_targets, normalize_rows
+from shared.training.targets import assign, kmeans, make_targets, normalize_rows
 
 
 def test_normalize_rows_flags_zero_factors():
