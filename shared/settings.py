@@ -86,7 +86,7 @@ class Settings(BaseSettings):
     als_iterations: int = Field(15, ge=1)
     als_threads: int = Field(0, ge=0, description="0: all cores")
     als_use_gpu: bool = Field(True, description="use implicit.gpu when CUDA is present")
-    als_incremental_sweeps: int = Field(2, ge=1, description="user+item passes per refresh")
+    als_incremental_sweeps: int = Field(2, ge=1, description="later passes: new rows only")
     als_seed: int = 0
     weight_view: float = Field(1.0, ge=0)
     weight_appreciate: float = Field(4.0, ge=0)
@@ -116,6 +116,48 @@ class Settings(BaseSettings):
     serve_new_window_s: float = Field(7 * 86_400.0, gt=0, description="'new' projects age")
     serve_model_check_s: float = Field(30.0, gt=0, description="how often to look for a "
                                        "newer CNN model")
+
+    # Embedder (services/embedder): Kafka -> CNN -> Milvus.
+    embed_group: str = "cofeat-embed"
+    embed_max_records: int = Field(500, ge=1, description="events per stream batch at most")
+    embed_poll_timeout_ms: int = Field(100, ge=1, description="short: freshness, not batching")
+    embed_batch_size: int = Field(64, ge=1, description="images per model forward pass")
+    embed_workers: int = Field(2, ge=0, description="DataLoader decode workers for backfills")
+    embed_device: Literal["auto", "cpu", "cuda"] = "auto"
+    embed_backfill_chunk: int = Field(512, ge=1, description="projects per backfill step")
+    embed_insert_rows: int = Field(2000, ge=1, description="rows per Milvus insert call")
+    embed_max_attempts: int = Field(3, ge=1, description="image failures before parking")
+    embed_retry_interval_s: float = Field(30.0, ge=0, description="between image retries")
+    embed_model_poll_s: float = Field(10.0, gt=0, description="how often to look for a new CNN")
+    embed_drop_grace_s: float = Field(300.0, ge=0,
+                                      description="keep a replaced collection this long")
+    embed_retry_max_s: float = Field(30.0, gt=0, description="backoff cap for outages")
+    embed_recent_window_s: float = Field(
+        300.0, ge=0, description="stream events a new backfill re-applies (ingest may lag)")
+
+    # CNN refresh (services/refresh/cnn): image -> latent factor.
+    cnn_mode: Literal["regress", "pseudo-class"] = "regress"
+    cnn_loss: Literal["cosine", "mse"] = "cosine"
+    cnn_backbone: Literal["resnet18", "small"] = "resnet18"
+    cnn_stem: Literal["small-image", "imagenet"] = Field(
+        "imagenet", description="resnet18 stem; small-image keeps more resolution, ~4x cost")
+    cnn_feature: Literal["head", "penultimate"] = Field(
+        "head", description="what is served: factor-space head output or penultimate layer")
+    cnn_image_size: int = Field(64, ge=16, le=512)
+    cnn_epochs: int = Field(10, ge=1, description="epochs of a full (re)train")
+    cnn_refresh_epochs: int = Field(3, ge=1, description="epochs of a fine-tune")
+    cnn_batch_size: int = Field(64, ge=1)
+    cnn_lr: float = Field(2e-3, gt=0)
+    cnn_pseudo_classes: int = Field(64, ge=2)
+    cnn_val_fraction: float = Field(0.1, gt=0, lt=1)
+    cnn_holdout_salt: int = 0
+    cnn_seed: int = 0
+    cnn_workers: int = Field(2, ge=0, description="DataLoader decode processes")
+    cnn_hflip: bool = Field(False, description="mirrors glyphs; off by default")
+    cnn_full_every: int = Field(10, ge=1, description="full retrain after N fine-tunes")
+    cnn_promote_margin: float = Field(0.02, ge=0, description="allowed val score drop")
+    cnn_min_projects: int = Field(20, ge=1)
+    cnn_pretrained: Path | None = Field(None, description="local backbone weights file")
 
     @field_validator("kafka_bootstrap")
     @classmethod

@@ -156,3 +156,14 @@ def producer(settings):
     p = Producer(settings)
     yield p
     p.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory) -> Path:
+    """COFEAT_DATA_DIR-like directory with images/, groundtruth/ and events/ of the
+    simulator's `tiny` preset (64 px JPEG), made once per session."""
+    from tests.world import simulate
+
+    root = tmp_path_factory.mktemp("tiny-world")
+    simulate(root)
+    return root

@@ -1,1 +1,1 @@
-"""Collaborative feature learning: a CNN that predicts latent factors from images."""
+"""The CNN refresh: learn to predict each project's latent factor from its image."""

@@ -1,0 +1,80 @@
+"""What the CNN learns from: each project of a factor version with a readable image."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import psycopg
+
+from shared.events import InvalidEvent, image_path
+from shared.factors import Factors
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Projects:
+    ids: np.ndarray  # project ids, a subset of the factor version's items
+    paths: list[str]
+    factors: np.ndarray  # their rows of item_factors
+    stats: dict
+
+
+def live_images(conn: psycopg.Connection) -> dict[int, str]:
+    rows = conn.execute("SELECT project_id, image_uri FROM projects "
+                        "WHERE status = 'live'").fetchall()
+    conn.commit()
+    return dict(rows)
+
+
+def _local_path(uri: str) -> str | None:
+    try:
+        path = image_path(uri)
+    except InvalidEvent:
+        return None
+    return path if os.path.exists(path) else None
+
+
+def training_projects(factors: Factors, images: dict[int, str]) -> Projects:
+    """Projects with a factor and a live, existing image file (missing ones are counted;
+    files that exist but do not decode are skipped and counted by the trainer)."""
+    ids, paths, rows = [], [], []
+    no_project = no_file = 0
+    for row, project_id in enumerate(factors.item_ids.tolist()):
+        uri = images.get(project_id)
+        if uri is None:
+            no_project += 1
+            continue
+        path = _local_path(uri)
+        if path is None:
+            no_file += 1
+            continue
+        ids.append(project_id)
+        paths.append(path)
+        rows.append(row)
+    stats = {"factor_items": len(factors.item_ids), "with_image": len(ids),
+             "not_live": no_project, "image_missing": no_file}
+    if no_file:
+        log.warning("%d projects have no readable image file; skipped", no_file)
+    return Projects(np.asarray(ids, dtype=np.int64), paths,
+                    np.asarray(factors.item_factors)[rows], stats)
+
+
+def changed_projects(projects: Projects, parent: Factors | None,
+                     threshold: float = 0.9) -> np.ndarray:
+    """New projects, and those whose (aligned) factor moved: the ones a fine-tune
+    over-samples."""
+    if parent is None:
+        return np.ones(len(projects.ids), dtype=bool)
+    rows = parent.item_rows(projects.ids)
+    changed = rows < 0
+    old = np.asarray(parent.item_factors)[np.maximum(rows, 0)]
+    cosine = np.sum(_unit(old) * _unit(projects.factors), axis=1)
+    return changed | (cosine < threshold)
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
