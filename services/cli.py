@@ -24,6 +24,7 @@ SERVICES = [
     ("eval", "services.evaluate.cli", None),
     ("run", "services.supervisor.cli", None),
     ("status", "services.supervisor.status_cli", None),
+    ("demo", "services.demo.cli", None),
 ]
 
 

@@ -3,40 +3,19 @@
 from __future__ import annotations
 
 import json
-import time
 
-from kafka import KafkaConsumer, TopicPartition
+from kafka import TopicPartition
 from sqlalchemy import text
 
 from shared import topics
 from shared.artifacts import read_json
-from shared.kafka.config import client_config
+from shared.kafka.offsets import highwaters
 from shared.settings import Settings
 
 _OFFSETS = "SELECT group_id, topic, partition, next_offset FROM consumer_offsets " \
            "WHERE topic LIKE :prefix ORDER BY group_id, topic, partition"
 _VERSIONS = "SELECT DISTINCT ON (kind, status) kind, id, status, created_at, metrics " \
             "FROM model_versions ORDER BY kind, status, id DESC"
-
-
-def highwaters(settings: Settings, wanted: list[TopicPartition],
-               timeout_s: float = 5.0) -> dict[TopicPartition, int]:
-    """Log end offsets as fetch responses report them (ListOffsets may under-report)."""
-    if not wanted:
-        return {}
-    consumer = KafkaConsumer(**client_config(settings), enable_auto_commit=False)
-    try:
-        consumer.assign(wanted)
-        consumer.seek_to_beginning(*wanted)
-        deadline = time.monotonic() + timeout_s
-        found: dict[TopicPartition, int] = {}
-        while len(found) < len(wanted) and time.monotonic() < deadline:
-            consumer.poll(timeout_ms=200, max_records=1)
-            found = {tp: consumer.highwater(tp) for tp in wanted
-                     if consumer.highwater(tp) is not None}
-        return found
-    finally:
-        consumer.close()
 
 
 def lag_rows(settings: Settings, engine) -> list[dict]:

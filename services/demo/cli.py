@@ -1,0 +1,21 @@
+"""`cofeat demo`: what `make demo` runs."""
+
+from __future__ import annotations
+
+import typer
+
+from shared.settings import SettingsError, exit_on_settings_error, load_settings
+
+
+def main(scale: str = typer.Option("small", help="tiny | small")) -> None:
+    """Run the whole loop on a simulated platform and write the report."""
+    from services.demo.run import run
+    from services.demo.steps import DEMO_ENV, Demo
+
+    if scale not in DEMO_ENV:
+        raise typer.BadParameter(f"scale must be one of {sorted(DEMO_ENV)}")
+    try:
+        settings = load_settings()
+    except SettingsError as error:
+        exit_on_settings_error(error)
+    run(Demo(settings.data_dir, scale))

@@ -1,0 +1,86 @@
+"""The demo as resumable steps: each runs `cofeat` commands and records that it finished."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+log = logging.getLogger("cofeat.demo")
+
+# Settings the demo's services share: CPU-sized models and a short refresh schedule.
+DEMO_ENV = {
+    "small": {"COFEAT_CNN_BACKBONE": "small", "COFEAT_CNN_IMAGE_SIZE": "64",
+              "COFEAT_CNN_EPOCHS": "8", "COFEAT_CNN_REFRESH_EPOCHS": "2",
+              "COFEAT_ALS_FACTORS": "32", "COFEAT_RUN_REFRESH_EVERY": "3m"},
+    "tiny": {"COFEAT_CNN_BACKBONE": "small", "COFEAT_CNN_IMAGE_SIZE": "32",
+             "COFEAT_CNN_EPOCHS": "3", "COFEAT_CNN_REFRESH_EPOCHS": "1",
+             "COFEAT_ALS_FACTORS": "16", "COFEAT_ALS_ITERATIONS": "8",
+             "COFEAT_FILTER_MIN_USER_COUNT": "2", "COFEAT_FILTER_MIN_ITEM_COUNT": "2",
+             "COFEAT_RUN_REFRESH_EVERY": "40s"},
+}
+RATES = {"small": 6000, "tiny": 2000}
+
+
+class Demo:
+    def __init__(self, data_dir: Path, scale: str):
+        self.data_dir = data_dir.resolve()
+        self.scale = scale
+        self.dir = self.data_dir / "demo"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.state_path = self.dir / "state.json"
+        # The caller's own COFEAT_* settings win over the demo's defaults.
+        self.env = {**DEMO_ENV[scale], **os.environ, "COFEAT_DATA_DIR": str(self.data_dir)}
+
+    # -- bookkeeping ---------------------------------------------------------------------
+
+    def state(self) -> dict:
+        try:
+            return json.loads(self.state_path.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def mark(self, step: str, **facts) -> None:
+        state = self.state()
+        state[step] = {"done": time.time(), **facts}
+        self.state_path.write_text(json.dumps(state, indent=2))
+
+    # -- running commands ----------------------------------------------------------------
+
+    def cofeat(self, *args: str, log_name: str | None = None, check: bool = True,
+               capture: bool = False) -> subprocess.CompletedProcess:
+        say(f"$ cofeat {' '.join(args)}")
+        out = (self.dir / f"{log_name}.log").open("ab") if log_name else None
+        result = subprocess.run([sys.executable, "-m", "services", *args], env=self.env,
+                                stdout=subprocess.PIPE if capture else out,
+                                stderr=out if out else None, text=capture)
+        if check and result.returncode != 0:
+            hint = f" (log: {self.dir / (log_name + '.log')})" if log_name else ""
+            raise SystemExit(f"cofeat {args[0]} failed with exit code {result.returncode}"
+                             f"{hint}")
+        return result
+
+    def background(self, *args: str, log_name: str) -> subprocess.Popen:
+        say(f"$ cofeat {' '.join(args)} &   (log: demo/{log_name}.log)")
+        out = (self.dir / f"{log_name}.log").open("ab")
+        return subprocess.Popen([sys.executable, "-m", "services", *args], env=self.env,
+                                stdout=out, stderr=subprocess.STDOUT)
+
+
+def stop(proc: subprocess.Popen, timeout_s: float = 60) -> int:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            return proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return proc.wait()
+
+
+def say(text: str) -> None:
+    print(text, flush=True)
