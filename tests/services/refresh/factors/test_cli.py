@@ -64,3 +64,23 @@ def test_loop_survives_a_failed_run(monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         cli.repeat(60, step)
     assert len(calls) == 2 and all(55 < s <= 60 for s in sleeps)
+
+
+def test_refuses_an_outdated_schema(pg_admin_url, data_dir, monkeypatch):
+    import uuid
+
+    from sqlalchemy.engine import make_url
+
+    plain = pg_admin_url.replace("postgresql+psycopg://", "postgresql://")
+    name = f"cofeat_t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(plain, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        url = make_url(plain).set(database=name).render_as_string(hide_password=False)
+        monkeypatch.setenv("COFEAT_DATABASE_URL", url)
+        monkeypatch.setenv("COFEAT_DATA_DIR", str(data_dir))
+        result = CliRunner().invoke(app, ["factors", "--once"])
+        assert result.exit_code == 3 and "cofeat migrate" in result.output
+    finally:
+        with psycopg.connect(plain, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

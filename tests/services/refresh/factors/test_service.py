@@ -221,3 +221,12 @@ def test_lost_parent_artifact_means_a_cold_full_refit(db_url, make_settings, sto
     result = run_factors_once(settings)
     assert (result.mode, result.reason, result.status) == (
         "full", "parent artifact unreadable", "promoted")
+
+
+def test_changed_factor_count_refits_without_new_events(make_settings, stored_world):
+    first = run_factors_once(make_settings())
+    result = run_factors_once(make_settings(als_factors=8))
+    assert (result.mode, result.reason) == ("full", "parameters changed")
+    # The parent (16 factors) is still scored on the same held-out pairs.
+    assert result.metrics[f"parent_recall@{K}"] == pytest.approx(first.metrics[f"recall@{K}"])
+    assert result.metrics["alignment_error"] is None  # no rotation between 16 and 8 factors
