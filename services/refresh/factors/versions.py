@@ -9,39 +9,27 @@ the lock; a crash after the insert leaves a complete version.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import re
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
 from psycopg.types.json import Jsonb
 
-from shared.artifacts import atomic_dir, models_dir, remove_stale_tmp, version_dir
+from services.refresh.versions import advisory_lock
+from services.refresh.versions import remove_orphans as shared_remove_orphans
+from shared.artifacts import atomic_dir, version_dir
 from shared.factors import Factors, write_factors
 
 log = logging.getLogger(__name__)
 KIND = "factors"
 # pg_try_advisory_lock key shared by every factor refresh ("cofeat" + 1).
 LOCK_KEY = 0x636F66656174_01
-_VERSION_DIR = re.compile(r"^v(\d+)$")
 
 
-@contextlib.contextmanager
-def refresh_lock(conn: psycopg.Connection) -> Iterator[bool]:
-    """True while this session holds the refresh lock; False if another run holds it.
-    A session lock, so it dies with the connection if the process does."""
-    got = conn.execute("SELECT pg_try_advisory_lock(%s)", (LOCK_KEY,)).fetchone()[0]
-    conn.commit()
-    try:
-        yield got
-    finally:
-        if got and not conn.closed:
-            conn.execute("SELECT pg_advisory_unlock(%s)", (LOCK_KEY,))
-            conn.commit()
+def refresh_lock(conn: psycopg.Connection):
+    return advisory_lock(conn, LOCK_KEY)
 
 
 def latest_attempt(conn: psycopg.Connection) -> dict | None:
@@ -92,20 +80,7 @@ def record_failure(conn: psycopg.Connection, version_id: int, parent_id: int | N
 
 
 def remove_orphans(conn: psycopg.Connection, data_dir: Path) -> list[Path]:
-    """Delete version directories without a row (crashed runs); call holding the lock."""
-    remove_stale_tmp(data_dir, KIND)
-    root = models_dir(data_dir, KIND)
-    if not root.exists():
-        return []
-    known = {row[0] for row in conn.execute(
-        "SELECT id FROM model_versions WHERE kind = %s", (KIND,)).fetchall()}
-    conn.commit()
-    orphans = [path for path in root.iterdir()
-               if (match := _VERSION_DIR.match(path.name)) and int(match[1]) not in known]
-    for path in orphans:
-        log.warning("removing %s: no model_versions row (a crashed run)", path)
-        shutil.rmtree(path, ignore_errors=True)
-    return orphans
+    return shared_remove_orphans(conn, data_dir, KIND)
 
 
 def remove_dir(data_dir: Path, version_id: int) -> None:

@@ -74,7 +74,7 @@ def test_plan_gives_each_child_its_own_metrics_port(tmp_path):
     assert [c.name for c in children] == ["ingest-0", "ingest-1", "embed"]
     assert [c.env["COFEAT_METRICS_PORT"] for c in children] == ["9101", "9102", "9103"]
     refresh = plan(["refresh"], 1, "5m", tmp_path)[0]
-    assert refresh.argv == ["refresh", "factors", "--every", "5m"]
+    assert refresh.argv == ["refresh", "--every", "5m"]
     assert refresh.env["COFEAT_METRICS_PORT"] == "0"
 
 
