@@ -17,7 +17,7 @@ log = logging.getLogger("cofeat.run")
 # Each service and the command line that runs it as a long-lived process.
 COMMANDS = {
     "ingest": ["ingest"],
-    "refresh": ["refresh", "factors", "--every", "{refresh_every}"],
+    "refresh": ["refresh", "--every", "{refresh_every}"],
     "embed": ["embed"],
     "serve": ["serve"],
 }
