@@ -211,3 +211,15 @@ def image_path(uri: str) -> str:
     if "://" in uri:
         raise InvalidEvent("unsupported_uri", uri.split("://")[0])
     return uri
+
+
+def local_image(uri: str) -> str | None:
+    """The existing local file behind an `image_uri`, or None (unsupported scheme, or
+    no such file)."""
+    import os
+
+    try:
+        path = image_path(uri)
+    except InvalidEvent:
+        return None
+    return path if os.path.exists(path) else None

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 
 import numpy as np
 import psycopg
 
-from shared.events import InvalidEvent, image_path
+from shared.events import local_image
 from shared.factors import Factors
 
 log = logging.getLogger(__name__)
@@ -30,14 +29,6 @@ def live_images(conn: psycopg.Connection) -> dict[int, str]:
     return dict(rows)
 
 
-def _local_path(uri: str) -> str | None:
-    try:
-        path = image_path(uri)
-    except InvalidEvent:
-        return None
-    return path if os.path.exists(path) else None
-
-
 def training_projects(factors: Factors, images: dict[int, str]) -> Projects:
     """Projects with a factor and a live, existing image file (missing ones are counted;
     files that exist but do not decode are skipped and counted by the trainer)."""
@@ -48,7 +39,7 @@ def training_projects(factors: Factors, images: dict[int, str]) -> Projects:
         if uri is None:
             no_project += 1
             continue
-        path = _local_path(uri)
+        path = local_image(uri)
         if path is None:
             no_file += 1
             continue
