@@ -24,10 +24,12 @@ def collection_name(settings: Settings, kind: str, model_version: int) -> str:
     return f"{settings.milvus_prefix}{kind}_v{model_version}"
 
 
-def connect(settings: Settings) -> MilvusClient:
+def connect(settings: Settings, **kwargs) -> MilvusClient:
+    """`kwargs` go to MilvusClient (e.g. dedicated=True: a channel of its own, not one
+    shared per address that may still be in gRPC's reconnect backoff after an outage)."""
     token = settings.milvus_token.get_secret_value() if settings.milvus_token else ""
     return MilvusClient(uri=settings.require_milvus_uri(), token=token,
-                        timeout=settings.milvus_timeout_s)
+                        timeout=settings.milvus_timeout_s, **kwargs)
 
 
 def project_schema(dim: int):

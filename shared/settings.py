@@ -122,7 +122,7 @@ class Settings(BaseSettings):
     embed_max_records: int = Field(500, ge=1, description="events per stream batch at most")
     embed_poll_timeout_ms: int = Field(100, ge=1, description="short: freshness, not batching")
     embed_batch_size: int = Field(64, ge=1, description="images per model forward pass")
-    embed_workers: int = Field(2, ge=0, description="DataLoader decode workers for backfills")
+    embed_workers: int = Field(2, ge=0, description="image decode threads for backfills")
     embed_device: Literal["auto", "cpu", "cuda"] = "auto"
     embed_backfill_chunk: int = Field(512, ge=1, description="projects per backfill step")
     embed_insert_rows: int = Field(2000, ge=1, description="rows per Milvus insert call")

@@ -105,3 +105,24 @@ model_versions = Table(
                     name="model_versions_status_known"),
     Index("model_versions_kind_status", "kind", "status"),
 )
+
+# Project images the embedder could not read or decode: retried up to
+# COFEAT_EMBED_MAX_ATTEMPTS times, then parked (left out of Milvus) until a later
+# successful embed, e.g. an `updated` event with a fixed image, removes the row.
+embed_failures = Table(
+    "embed_failures", metadata,
+    Column("project_id", BigInteger, primary_key=True),
+    Column("image_uri", Text, nullable=False),
+    # The rest of the failed state, so a retry needs no other table (ingest may lag).
+    Column("owner_id", BigInteger, nullable=False),
+    Column("published_at", DateTime(timezone=True), nullable=False),
+    Column("event_ts", DateTime(timezone=True), nullable=False,
+           comment="ts of the event whose image failed"),
+    Column("reason", Text, nullable=False),
+    Column("attempts", Integer, nullable=False,
+           comment="parked once attempts reach COFEAT_EMBED_MAX_ATTEMPTS"),
+    Column("first_failed_at", DateTime(timezone=True), nullable=False,
+           server_default=func.now()),
+    Column("last_failed_at", DateTime(timezone=True), nullable=False,
+           server_default=func.now()),
+)

@@ -1,0 +1,1 @@
+"""`cofeat embed`: project images (and users' factors) into Milvus, behind aliases."""

@@ -1,0 +1,312 @@
+"""Filling the collections of a new CNN version, in steps, then one alias move per kind.
+
+The service interleaves `step()` with stream batches, so queries keep being served from
+the old collection and new events keep flowing. Stream writes go to both collections
+while a backfill runs; `touched` remembers what the stream wrote here, and a Postgres row
+is skipped when the stream already wrote a state at least as new (ingest may lag behind
+the embedder's own consumer, so Postgres can be older than the stream). The last minutes
+of stream events are re-applied first for the same reason.
+
+Before the alias moves, the row count must equal what was written (no lost write) and
+match Postgres' live, unparked projects within the number of projects that changed
+meanwhile, in our stream or in Postgres (exactly, on a quiet stream).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import numpy as np
+import psycopg
+
+from services.embedder import collections as mv
+from services.embedder import failures, metrics
+from services.embedder.encode import Encoder, Item, Result
+from shared import milvus as contract
+from shared.events import ProjectEvent
+from shared.factors import factor_version, load_factors
+from shared.settings import Settings
+
+log = logging.getLogger("cofeat.embed")
+
+
+class BackfillFailed(RuntimeError):
+    pass
+
+
+class Backfill:
+    """Builds `<kind>_v<model>` for the kinds whose alias is not on this version yet."""
+
+    def __init__(self, settings: Settings, milvus: mv.Milvus,
+                 db: Callable[[], psycopg.Connection],
+                 encoder: Encoder, projects: bool, users: bool,
+                 replay: list[ProjectEvent] = ()):
+        self.settings, self.milvus, self.db, self.encoder = settings, milvus, db, encoder
+        self.version = encoder.version
+        self.projects = contract.collection_name(settings, contract.PROJECTS, self.version)
+        self.users = contract.collection_name(settings, contract.USERS, self.version)
+        self.build_projects, self.build_users = projects, users and self._users_possible()
+        self.replay = list(replay)
+        self.start_seq = 0  # project_events.seq when the backfill started
+        self.after = -1  # keyset cursor over projects.project_id
+        self.touched: dict[int, int] = {}  # project_id -> ts of the state written here
+        self.written: set[int] = set()
+        self.user_vectors, self.user_ids = np.zeros((0, 0), np.float32), np.zeros(0, np.int64)
+        self.user_rows = 0  # users written so far
+        self.next_load_check = 0.0
+        self.images, self.embed_seconds = 0, 0.0
+        self.started = self.filled_at = time.monotonic()
+        self.phase = "fill"
+
+    # -- what to build ---------------------------------------------------------------
+
+    def _users_possible(self) -> bool:
+        if self.encoder.feature != "head":
+            log.info("CNN v%d serves its penultimate layer (dim %d), not factor space: "
+                     "no users collection for it", self.version, self.encoder.dim)
+        return self.encoder.feature == "head"
+
+    def start(self) -> None:
+        self.start_seq = failures.last_event_seq(self.db())
+        if self.build_projects:
+            mv.create_fresh(self.milvus, self.projects, contract.project_schema(self.encoder.dim))
+        if self.build_users:
+            users = self._users()
+            if users is not None:
+                self.user_vectors, self.user_ids = users
+                mv.create_fresh(self.milvus, self.users, contract.user_schema(self.encoder.dim))
+            else:
+                self.build_users = False
+        if self.build_projects or self.build_users:
+            log.info("backfill of v%d started: projects %s, users %s", self.version,
+                     self.build_projects, self.build_users)
+
+    def _users(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """Users' factors of the version this CNN learned from, L2-normalized like the
+        project vectors, so a user's vector searches the projects they would like."""
+        version_id = self.encoder.version_row.get("factor_version_id") or self.encoder.meta.get(
+            "factor_version")
+        version = factor_version(self.db(), int(version_id)) if version_id else None
+        if version is None:
+            log.warning("CNN v%d names no readable factor version: no users collection",
+                        self.version)
+            return None
+        try:
+            factors = load_factors(self.settings.data_dir, version)
+        except (OSError, ValueError) as error:
+            log.warning("factor version %s unreadable (%s): no users collection", version_id,
+                        error)
+            return None
+        if factors.user_factors.shape[1] != self.encoder.dim:
+            log.warning("factor version %s has k=%d but CNN v%d outputs %d: no users "
+                        "collection", version_id, factors.user_factors.shape[1], self.version,
+                        self.encoder.dim)
+            return None
+        return normalized_users(factors.user_factors, factors.user_ids)
+
+    def targets(self) -> list[str]:
+        """Collections stream writes must also reach while this backfill runs."""
+        return [self.projects] if self.build_projects else []
+
+    # -- steps -----------------------------------------------------------------------
+
+    def step(self) -> bool:
+        """One unit of work; True once the collections are loaded and ready to verify."""
+        if self.phase == "fill":
+            if not self._fill_step():
+                self._request_load()
+        elif self.phase == "loading" and time.monotonic() >= self.next_load_check:
+            self.next_load_check = time.monotonic() + 0.25  # do not hammer Milvus
+            if all(mv.loaded(self.milvus, name) for name in self._names()):
+                self.phase = "ready"
+        return self.phase == "ready"
+
+    def _names(self) -> list[str]:
+        return ([self.projects] if self.build_projects else []) + (
+            [self.users] if self.build_users else [])
+
+    def _fill_step(self) -> bool:
+        """Write one chunk; False when there is nothing left to write."""
+        chunk = self.settings.embed_backfill_chunk
+        if self.build_projects and self.replay:
+            self._replay(self.replay[:chunk])
+            self.replay = self.replay[chunk:]
+            return True
+        if self.build_projects and self.after is not None:
+            items = failures.live_page(self.db(), self.after, chunk,
+                                       self.settings.embed_max_attempts)
+            self._write_items([i for i in items
+                               if self.touched.get(i.project_id, -1) < i.ts_ms])
+            # Only after the write: a failed step is retried from the same place.
+            self.after = items[-1].project_id if items else None
+            return True
+        if self.build_users and self.user_rows < len(self.user_ids):
+            part = slice(self.user_rows, self.user_rows + self.settings.embed_insert_rows)
+            rows = user_rows(self.user_vectors[part], self.user_ids[part], self.version)
+            mv.upsert(self.milvus, [self.users], rows, self.settings.embed_insert_rows)
+            self.user_rows += len(rows)
+            return True
+        return False
+
+    def _request_load(self) -> None:
+        for name in self._names():
+            mv.request_index_and_load(self.milvus, self.settings, name)
+        self.phase, self.filled_at = "loading", time.monotonic()
+        log.info("backfill of v%d filled (%d projects, %d users): building index and loading",
+                 self.version, len(self.written), self.user_rows)
+
+    def _replay(self, events: list[ProjectEvent]) -> None:
+        fresh = [e for e in events if self.touched.get(e.project_id, -1) < e.ts_ms]
+        deleted = {e.project_id: e.ts_ms for e in fresh if e.type == "deleted"}
+        mv.delete(self.milvus, [self.projects], list(deleted))
+        self.note({}, deleted)
+        published = failures.published_ms(self.db(), [e.project_id for e in fresh])
+        self._write_items([event_item(e, published) for e in fresh if e.type != "deleted"])
+        self.touch({e.project_id: e.ts_ms for e in fresh})
+
+    def _write_items(self, items: list[Item]) -> None:
+        result = embed_with_retries(self.encoder, self.db(), items,
+                                    self.settings.embed_max_attempts)
+        self.images += len(items)
+        self.embed_seconds += result.seconds
+        metrics.IMAGES.labels("backfill").inc(len(items))
+        # Upserts even into a fresh collection: a call that timed out may still have been
+        # applied, and Milvus does not deduplicate inserted primary keys.
+        mv.upsert(self.milvus, [self.projects], result.rows, self.settings.embed_insert_rows)
+        self.written.update(row["project_id"] for row in result.rows)
+        metrics.BACKFILL_ROWS.set(len(self.written))
+
+    def note(self, upserted: dict[int, int], deleted: dict[int, int]) -> None:
+        """The stream wrote these states ({project_id: event ts}) into our collection."""
+        self.touch(upserted)
+        self.touch(deleted)
+        self.written.update(upserted)
+        self.written.difference_update(deleted)
+
+    def touch(self, states: dict[int, int]) -> None:
+        """States at least this new were handled here (written, deleted, or failed and
+        parked for retry): an older Postgres row must not overwrite them."""
+        for project_id, ts in states.items():
+            self.touched[project_id] = max(ts, self.touched.get(project_id, ts))
+
+    # -- the swap --------------------------------------------------------------------
+
+    def verify(self) -> None:
+        if self.build_projects:
+            self._verify_projects()
+        if self.build_users:
+            in_milvus = mv.count(self.milvus, self.users)
+            if in_milvus != self.user_rows:
+                raise BackfillFailed(f"{self.users} holds {in_milvus} rows, wrote "
+                                     f"{self.user_rows}")
+
+    def _verify_projects(self) -> None:
+        in_milvus = mv.count(self.milvus, self.projects)
+        if in_milvus != len(self.written):
+            raise BackfillFailed(f"{self.projects} holds {in_milvus} rows but {len(self.written)}"
+                                 " were written: a write was lost")
+        expected = failures.expected_count(self.db(), self.settings.embed_max_attempts)
+        # Projects changed meanwhile, by our stream or by ingest, may legitimately differ
+        # (the two consume the topic independently); every other one must match.
+        moving = set(self.touched) | failures.changed_since(self.db(), self.start_seq)
+        if abs(in_milvus - expected) > len(moving):
+            raise BackfillFailed(
+                f"{self.projects} holds {in_milvus} rows, Postgres has {expected} live unparked"
+                f" projects and only {len(moving)} changed meanwhile")
+        log.info("verified %s: %d rows (Postgres: %d live unparked, %d changed by the "
+                 "stream meanwhile, %d in all)", self.projects, in_milvus, expected,
+                 len(self.touched), len(moving))
+
+    def swap(self) -> list[str]:
+        """Move the aliases (users first, then projects); returns the collections left."""
+        left = []
+        if self.build_users:
+            left.append(mv.point_alias(self.milvus, contract.alias(self.settings,
+                                                                   contract.USERS), self.users))
+            metrics.SWAPS.labels("users").inc()
+        elif self.build_projects:
+            # A users collection of another model would be a different space: none is
+            # better than a wrong one.
+            left.append(mv.drop_alias(self.milvus, contract.alias(self.settings,
+                                                                  contract.USERS)))
+        if self.build_projects:
+            left.append(mv.point_alias(self.milvus, contract.alias(
+                self.settings, contract.PROJECTS), self.projects))
+            metrics.SWAPS.labels("projects").inc()
+        self._report()
+        return [name for name in left if name]
+
+    def _report(self) -> None:
+        elapsed = time.monotonic() - self.started
+        rate = self.images / self.embed_seconds if self.embed_seconds else 0.0
+        metrics.IMAGES_PER_SECOND.labels("backfill").set(rate)
+        log.info("backfill of v%d done in %.1f s: %d images at %.0f images/s (model), "
+                 "%d users; filling %.1f s, index + load + check %.1f s", self.version,
+                 elapsed, self.images, rate, self.user_rows, self.filled_at - self.started,
+                 time.monotonic() - self.filled_at)
+
+    def abandon(self) -> None:
+        """Drop what was built (nothing is aliased yet); a new backfill starts over."""
+        for name in self._names():
+            if not mv.aliased(self.milvus, name):
+                mv.drop(self.milvus, name)
+
+
+def event_item(event: ProjectEvent, published: dict[int, int]) -> Item:
+    first = min(published.get(event.project_id, event.ts_ms), event.ts_ms)
+    return Item(event.project_id, event.owner_id, first, event.image_uri, event.ts_ms)
+
+
+def normalized_users(user_factors: np.ndarray,
+                     user_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """L2-normalized user factors; users with a zero vector (no signal) are left out, as
+    cosine is undefined for them."""
+    vectors = np.asarray(user_factors, dtype=np.float32)
+    norms = np.linalg.norm(vectors, axis=1)
+    keep = norms > 0
+    return vectors[keep] / norms[keep, None], np.asarray(user_ids, dtype=np.int64)[keep]
+
+
+def user_rows(vectors: np.ndarray, user_ids: np.ndarray, version: int) -> list[dict]:
+    return [{"user_id": int(u), "embedding": v.tolist(), "model_version": version}
+            for u, v in zip(user_ids, vectors, strict=True)]
+
+
+def embed_with_retries(encoder: Encoder, db: psycopg.Connection, items: list[Item],
+                       max_attempts: int) -> Result:
+    """Embed; retry failed images right away until each is embedded or parked."""
+    result = encoder.embed(items)
+    rows, seconds, failed = result.rows, result.seconds, result.failed
+    while failed:
+        attempts = record_failures(db, failed, max_attempts)
+        retry = [item for item, _ in failed if attempts[item.project_id] < max_attempts]
+        if not retry:
+            break
+        again = encoder.embed(retry)
+        rows, seconds, failed = rows + again.rows, seconds + again.seconds, again.failed
+    with db.transaction(), db.cursor() as cur:
+        failures.clear(cur, [row["project_id"] for row in rows])
+    return Result(rows, [], seconds)
+
+
+def record_failures(db: psycopg.Connection, failed: list[tuple[Item, str]],
+                    max_attempts: int) -> dict[int, int]:
+    with db.transaction(), db.cursor() as cur:
+        attempts = failures.record(cur, failed)
+    log_failures(failed, attempts, max_attempts)
+    return attempts
+
+
+def log_failures(failed: list[tuple[Item, str]], attempts: dict[int, int],
+                 max_attempts: int) -> None:
+    metrics.IMAGE_FAILURES.inc(len(failed))
+    for item, reason in failed:
+        count = attempts[item.project_id]
+        parked = count >= max_attempts
+        if parked:
+            metrics.PARKED.inc()
+        log.warning("project %d: image %s unreadable (%s), attempt %d of %d%s",
+                    item.project_id, item.image_uri, reason, count, max_attempts,
+                    ": parked" if parked else "")

@@ -1,0 +1,257 @@
+"""Milvus side of the embedder: retried calls, collection lifecycle, alias swaps.
+
+A collection is complete exactly when an alias points at it: the alias only moves after
+the collection was filled, indexed, loaded and its row count checked. Any other collection
+of ours is either being built by this process or left over (a crash, a replaced version);
+leftovers of the version being built are dropped and refilled, others are dropped after
+COFEAT_EMBED_DROP_GRACE_S, so queries that resolved the alias just before a swap finish.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+import grpc
+from pymilvus import MilvusClient
+from pymilvus.exceptions import MilvusException
+
+from services.embedder import metrics
+from shared import milvus as contract
+from shared.metrics import health
+from shared.settings import Settings
+
+log = logging.getLogger("cofeat.embed")
+T = TypeVar("T")
+OUTAGE_LOG_INTERVAL_S = 30.0
+SLOW_CALL_S = 5.0
+RETRYABLE = (MilvusException, grpc.RpcError, ConnectionError, TimeoutError)
+
+
+class Stopped(Exception):
+    """A stop was requested while waiting for a server; the work in hand is abandoned."""
+
+
+class Outage:
+    """Backoff with one log line per interval instead of one per retry."""
+
+    def __init__(self, what: str, max_delay_s: float):
+        self.what, self.max_delay_s = what, max_delay_s
+        self.failures, self.last_log = 0, 0.0
+
+    def failed(self, error: BaseException) -> float:
+        self.failures += 1
+        health.set(False, f"{self.what} unavailable")
+        now = time.monotonic()
+        if now - self.last_log >= OUTAGE_LOG_INTERVAL_S:
+            detail = (str(error).splitlines() or [""])[0][:200]
+            log.warning("%s unavailable (%d failures so far): %s: %s", self.what,
+                        self.failures, type(error).__name__, detail)
+            self.last_log = now
+        return min(self.max_delay_s, 0.1 * 2 ** min(self.failures, 10))
+
+    def recovered(self) -> None:
+        if self.failures:
+            log.info("%s back after %d failures", self.what, self.failures)
+            health.set(True, "ok")
+        self.failures, self.last_log = 0, 0.0
+
+
+def sleep_unless(stopping: Callable[[], bool], seconds: float) -> bool:
+    """Sleep unless a stop is requested; True if it was."""
+    deadline = time.monotonic() + seconds
+    while not stopping() and time.monotonic() < deadline:
+        time.sleep(min(0.05, seconds))
+    return stopping()
+
+
+class Milvus:
+    """Every Milvus call of the embedder, retried until acknowledged or asked to stop."""
+
+    def __init__(self, settings: Settings, stopping: Callable[[], bool] = lambda: False):
+        self.settings, self.stopping = settings, stopping
+        self.outage = Outage("milvus", settings.embed_retry_max_s)
+        self.client: MilvusClient | None = None
+
+    def _connect(self) -> MilvusClient:
+        if self.client is None:
+            # dedicated: a fresh channel after an outage, not one stuck in gRPC's backoff.
+            self.client = contract.connect(self.settings, dedicated=True)
+        return self.client
+
+    def call(self, action: Callable[[MilvusClient], T], what: str = "") -> T:
+        while True:
+            started = time.monotonic()
+            try:
+                result = action(self._connect())
+                self.outage.recovered()
+                if what and time.monotonic() - started > SLOW_CALL_S:
+                    log.warning("slow Milvus call: %s took %.1f s", what,
+                                time.monotonic() - started)
+                return result
+            except RETRYABLE as error:
+                metrics.MILVUS_ERRORS.inc()
+                self.close()
+                if sleep_unless(self.stopping, self.outage.failed(error)):
+                    raise Stopped from None
+
+    def close(self) -> None:
+        if self.client is not None:
+            # Closing a broken channel may fail; it is gone either way.
+            with contextlib.suppress(Exception):
+                self.client.close()
+            self.client = None
+
+
+# -- names ----------------------------------------------------------------------------
+
+
+def version_of(settings: Settings, kind: str, name: str) -> int | None:
+    match = re.fullmatch(re.escape(contract.collection_name(settings, kind, 0)[:-1]) + r"(\d+)",
+                         name)
+    return int(match.group(1)) if match else None
+
+
+def ours(milvus: Milvus, settings: Settings, kind: str) -> list[str]:
+    names = milvus.call(lambda c: c.list_collections())
+    return [n for n in names if version_of(settings, kind, n) is not None]
+
+
+def aliased(milvus: Milvus, name: str) -> bool:
+    return milvus.call(lambda c: c.has_collection(name)
+                       and bool(c.list_aliases(name)["aliases"]))
+
+
+# -- building a collection ------------------------------------------------------------
+
+
+def create_fresh(milvus: Milvus, name: str, schema) -> None:
+    """An empty collection `name`; an unaliased leftover of the same name is dropped."""
+    if milvus.call(lambda c: c.has_collection(name)):
+        if aliased(milvus, name):
+            raise RuntimeError(f"{name} is behind an alias; refusing to rebuild it")
+        log.info("dropping incomplete %s left by an earlier run", name)
+        drop(milvus, name)
+    # Each retried action re-checks first: a call that timed out may have been applied.
+    milvus.call(lambda c: c.has_collection(name) or c.create_collection(name, schema=schema))
+
+
+def drop(milvus: Milvus, name: str) -> None:
+    milvus.call(lambda c: c.has_collection(name) and c.drop_collection(name))
+
+
+def upsert(milvus: Milvus, names: list[str], rows: list[dict], chunk: int) -> None:
+    for name in names:
+        for start in range(0, len(rows), chunk):
+            part = rows[start:start + chunk]
+            milvus.call(lambda c, part=part, name=name: c.upsert(name, part),
+                        f"upsert of {len(part)} rows into {name}")
+
+
+def delete(milvus: Milvus, names: list[str], ids: list[int]) -> None:
+    if ids:
+        for name in names:
+            milvus.call(lambda c, name=name: c.delete(name, ids=ids),
+                        f"delete of {len(ids)} ids from {name}")
+
+
+def request_index_and_load(milvus: Milvus, settings: Settings, name: str) -> None:
+    """Seal what was written, build HNSW, start loading; `loaded` says when it is done."""
+    milvus.call(lambda c: c.flush(name), f"flush of {name}")
+    milvus.call(lambda c: c.list_indexes(name) or c.create_index(
+        name, contract.index_params(settings)))
+    milvus.call(lambda c: c.load_collection(name, _async=True))
+
+
+def loaded(milvus: Milvus, name: str) -> bool:
+    state = milvus.call(lambda c: c.get_load_state(name))["state"]
+    return getattr(state, "name", str(state)) == "Loaded"
+
+
+def count(milvus: Milvus, name: str) -> int:
+    # Strong: every acknowledged write counts, or the check would race our own inserts.
+    rows = milvus.call(lambda c: c.query(name, filter="", output_fields=["count(*)"],
+                                         consistency_level="Strong"))
+    return int(rows[0]["count(*)"])
+
+
+def _target(client: MilvusClient, alias: str) -> str | None:
+    # describe_alias on a missing alias logs an error with a traceback: look first.
+    if alias not in client.list_aliases()["aliases"]:
+        return None
+    return client.describe_alias(alias)["collection_name"]
+
+
+def alias_target(milvus: Milvus, alias: str) -> str | None:
+    return milvus.call(lambda c: _target(c, alias))
+
+
+def point_alias(milvus: Milvus, alias: str, name: str) -> str | None:
+    """Move `alias` to `name` in one call; returns the collection it left."""
+    old = alias_target(milvus, alias)
+
+    def move(c: MilvusClient) -> None:
+        current = _target(c, alias)  # again: a retry may follow an applied call
+        if current is None:
+            c.create_alias(name, alias)
+        elif current != name:
+            c.alter_alias(name, alias)
+
+    if old != name:
+        milvus.call(move)
+        log.info("alias %s -> %s (was %s)", alias, name, old)
+    return old if old != name else None
+
+
+def drop_alias(milvus: Milvus, alias: str) -> str | None:
+    old = alias_target(milvus, alias)
+    if old is not None:
+        milvus.call(lambda c: _target(c, alias) is None or c.drop_alias(alias))
+        log.info("alias %s dropped (was on %s)", alias, old)
+    return old
+
+
+# -- retiring replaced collections ----------------------------------------------------
+
+
+class Retirement:
+    """Collections to drop once their grace period is over, unless an alias is on them."""
+
+    def __init__(self, grace_s: float):
+        self.grace_s = grace_s
+        self.due: dict[str, float] = {}
+
+    def schedule(self, name: str | None) -> None:
+        if name and name not in self.due:
+            self.due[name] = time.monotonic() + self.grace_s
+            log.info("%s will be dropped in %.0f s", name, self.grace_s)
+
+    def cancel(self, name: str) -> None:
+        self.due.pop(name, None)
+
+    def drop_due(self, milvus: Milvus) -> list[str]:
+        now, dropped = time.monotonic(), []
+        for name, deadline in list(self.due.items()):
+            if deadline > now:
+                continue
+            del self.due[name]
+            # Dropping a collection silently drops its aliases: never drop a live one.
+            if milvus.call(lambda c, n=name: c.has_collection(n)) and not aliased(milvus, name):
+                drop(milvus, name)
+                metrics.DROPS.inc()
+                log.info("dropped replaced collection %s", name)
+                dropped.append(name)
+        return dropped
+
+
+def schedule_leftovers(milvus: Milvus, settings: Settings, retirement: Retirement,
+                       keep: set[str]) -> None:
+    """At start-up: our unaliased collections, except those being built, go to retirement."""
+    for kind in (contract.PROJECTS, contract.USERS):
+        for name in ours(milvus, settings, kind):
+            if name not in keep and not aliased(milvus, name):
+                retirement.schedule(name)

@@ -1,0 +1,21 @@
+"""Prometheus metrics of the embedder."""
+
+from prometheus_client import Counter, Gauge, Histogram
+
+EVENTS = Counter("cofeat_embed_events_total", "Project events consumed", ["result"])
+FRESHNESS = Histogram(
+    "cofeat_embed_freshness_seconds", "Project event ts to Milvus acknowledging its write",
+    buckets=(0.1, 0.25, 0.5, 1, 2, 3, 5, 10, 30, 60, 300, 3600))
+IMAGES = Counter("cofeat_embed_images_total", "Images embedded", ["phase"])
+IMAGES_PER_SECOND = Gauge("cofeat_embed_images_per_second",
+                          "Images/s over the last reporting interval", ["phase"])
+IMAGE_FAILURES = Counter("cofeat_embed_image_failures_total",
+                         "Images that could not be read or decoded (each attempt)")
+PARKED = Counter("cofeat_embed_parked_total", "Projects parked after their last attempt")
+MILVUS_ERRORS = Counter("cofeat_embed_milvus_errors_total", "Failed Milvus calls (retried)")
+DB_ERRORS = Counter("cofeat_embed_db_errors_total", "Failed database calls (retried)")
+LIVE_MODEL = Gauge("cofeat_embed_live_model_version", "CNN version behind the projects alias")
+BACKFILL_ROWS = Gauge("cofeat_embed_backfill_rows", "Rows written into the collection being built")
+SWAPS = Counter("cofeat_embed_alias_swaps_total", "Alias moves", ["kind"])
+DROPS = Counter("cofeat_embed_collections_dropped_total", "Replaced collections dropped")
+LAG = Gauge("cofeat_embed_lag", "High watermark minus position", ["topic", "partition"])

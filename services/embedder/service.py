@@ -1,0 +1,376 @@
+"""The embedder loop: model check, one stream batch, one backfill step, retries, drops.
+
+Everything runs in one thread, in that order, so stream writes and backfill writes never
+race: a backfill is a sequence of short steps between stream batches, and the alias moves
+right after its verification, with no stream write in between.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+import psycopg
+
+from services.embedder import collections as mv
+from services.embedder import failures, metrics
+from services.embedder.backfill import Backfill, BackfillFailed, event_item, log_failures
+from services.embedder.encode import Encoder, Item
+from services.embedder.stream import Polled, Recent, Stream, latest_per_project
+from shared import milvus as contract
+from shared.cnn import cnn_version, current_cnn_version
+from shared.db.connect import connect
+from shared.db.store import load_offsets
+from shared.events import ProjectEvent
+from shared.settings import Settings
+
+log = logging.getLogger("cofeat.embed")
+T = TypeVar("T")
+
+
+class Embedder:
+    def __init__(self, settings: Settings, drain: bool = False):
+        self.settings, self.drain = settings, drain
+        self.stopping = False
+        self.failed = False
+        self.milvus = mv.Milvus(settings, lambda: self.stopping)
+        self.db_outage = mv.Outage("database", settings.embed_retry_max_s)
+        self.conn: psycopg.Connection | None = None
+        self.stream: Stream | None = None
+        self.encoders: dict[int, Encoder] = {}
+        self.live: Encoder | None = None  # the model behind the projects alias
+        self.live_collection: str | None = None
+        self.backfill: Backfill | None = None
+        self.users_unavailable: int | None = None  # version whose users cannot be built
+        self.retirement = mv.Retirement(settings.embed_drop_grace_s)
+        self.recent = Recent(settings.embed_recent_window_s)
+        self.next_model_check = self.next_retry = 0.0
+        self.meter = Meter()
+
+    # -- database ------------------------------------------------------------------------
+
+    def db(self) -> psycopg.Connection:
+        if self.conn is None or self.conn.closed or self.conn.broken:
+            self.conn = connect(self.settings, autocommit=True)
+        return self.conn
+
+    def with_db(self, action: Callable[[psycopg.Connection], T]) -> T:
+        """Run `action` until the database takes it (each action is one transaction)."""
+        while True:
+            try:
+                result = action(self.db())
+                self.db_outage.recovered()
+                return result
+            except psycopg.Error as error:
+                self.db_failed(error)
+
+    def db_failed(self, error: psycopg.Error) -> None:
+        metrics.DB_ERRORS.inc()
+        if self.conn is not None:
+            with contextlib.suppress(psycopg.Error):
+                self.conn.close()
+        self.conn = None
+        if mv.sleep_unless(lambda: self.stopping, self.db_outage.failed(error)):
+            raise mv.Stopped
+
+    def load_offsets(self, wanted: list[tuple[str, int]]) -> dict | None:
+        try:
+            return self.with_db(lambda conn: load_offsets(conn, self.settings.embed_group,
+                                                          wanted))
+        except mv.Stopped:
+            return None
+
+    # -- models and collections ----------------------------------------------------------
+
+    def encoder(self, row: dict) -> Encoder:
+        if row["id"] not in self.encoders:
+            self.encoders[row["id"]] = Encoder(self.settings, row)
+        return self.encoders[row["id"]]
+
+    def discover(self) -> None:
+        """Which collection the projects alias serves, and leftovers to retire."""
+        alias = contract.alias(self.settings, contract.PROJECTS)
+        target = mv.alias_target(self.milvus, alias)
+        version = mv.version_of(self.settings, contract.PROJECTS, target) if target else None
+        row = self.with_db(lambda conn: cnn_version(conn, version)) if version else None
+        try:
+            live = self.encoder(row) if row is not None else None
+        except (OSError, ValueError, RuntimeError) as error:
+            log.error("cannot load CNN v%s behind alias %s (%s): streaming waits for the "
+                      "next backfill", version, alias, error)
+            live = row = None
+        if live is not None:
+            self.live, self.live_collection = live, target
+            metrics.LIVE_MODEL.set(version)
+            log.info("serving %s (CNN v%d) through alias %s", target, version, alias)
+        elif target:
+            log.warning("alias %s is on %s, which names no CNN version: it will be replaced",
+                        alias, target)
+        mv.schedule_leftovers(self.milvus, self.settings, self.retirement, keep=set())
+
+    def users_version(self) -> int | None:
+        target = mv.alias_target(self.milvus, contract.alias(self.settings, contract.USERS))
+        return mv.version_of(self.settings, contract.USERS, target) if target else None
+
+    def check_model(self) -> None:
+        if time.monotonic() < self.next_model_check:
+            return
+        self.next_model_check = time.monotonic() + self.settings.embed_model_poll_s
+        row = self.with_db(current_cnn_version)
+        if row is None or (self.backfill and self.backfill.version == row["id"]):
+            return
+        projects = self.live is None or self.live.version != row["id"]
+        users = projects or (self.users_unavailable != row["id"]
+                             and self.users_version() != row["id"])
+        if self.backfill is not None:
+            log.info("CNN v%d superseded v%d while it was being backfilled", row["id"],
+                     self.backfill.version)
+            self.backfill.abandon()
+            self.backfill = None
+        if projects or users:
+            try:
+                self.start_backfill(row, projects, users)
+            except (OSError, ValueError, RuntimeError) as error:
+                # An unreadable artifact must not stop the stream on the live model.
+                log.error("cannot backfill CNN v%d, retrying in %.0f s: %s", row["id"],
+                          self.settings.embed_model_poll_s, error)
+                self.failed = True
+
+    def start_backfill(self, row: dict, projects: bool, users: bool) -> None:
+        backfill = Backfill(self.settings, self.milvus, self.db, self.encoder(row),
+                            projects, users, replay=self.recent.snapshot())
+        for name in (backfill.projects, backfill.users):
+            self.retirement.cancel(name)
+        backfill.start()
+        if backfill.build_projects or backfill.build_users:
+            self.backfill = backfill
+        else:
+            self.users_unavailable = backfill.version
+
+    def backfill_step(self) -> None:
+        if self.backfill is None or not self.backfill.step():
+            return
+        try:
+            self.backfill.verify()
+        except BackfillFailed as error:
+            log.error("backfill of v%d failed its check, starting over later: %s",
+                      self.backfill.version, error)
+            self.backfill.abandon()
+            self.backfill, self.failed = None, True
+            return
+        for name in self.backfill.swap():
+            self.retirement.schedule(name)
+        if self.backfill.build_projects:
+            self.live, self.live_collection = self.backfill.encoder, self.backfill.projects
+            metrics.LIVE_MODEL.set(self.live.version)
+            self.encoders = {self.live.version: self.live}
+        self.backfill = None
+
+    def writers(self) -> list[tuple[Encoder, list[str], bool]]:
+        """(model, collections, is the backfill) for every collection writes must reach."""
+        out = []
+        if self.live is not None:
+            out.append((self.live, [self.live_collection], False))
+        if self.backfill is not None and self.backfill.targets():
+            out.append((self.backfill.encoder, self.backfill.targets(), True))
+        return out
+
+    # -- writing -------------------------------------------------------------------------
+
+    def upsert_items(self, items: list[Item], phase: str) -> list[tuple[Item, str]]:
+        """Embed with every writer's model and upsert; returns the failed items."""
+        failed: dict[int, tuple[Item, str]] = {}
+        for encoder, names, is_backfill in self.writers():
+            result = encoder.embed(items)
+            mv.upsert(self.milvus, names, result.rows, self.settings.embed_insert_rows)
+            failed.update({item.project_id: (item, why) for item, why in result.failed})
+            if is_backfill:
+                ts = {item.project_id: item.ts_ms for item in items}
+                self.backfill.note({r["project_id"]: ts[r["project_id"]] for r in result.rows},
+                                   {})
+                self.backfill.touch({i.project_id: i.ts_ms for i, _ in result.failed})
+            else:
+                self.meter.images(len(items), result.seconds)
+                metrics.IMAGES.labels(phase).inc(len(items))
+        return list(failed.values())
+
+    def delete_ids(self, deleted: list[ProjectEvent]) -> None:
+        ids = [e.project_id for e in deleted]
+        for _, names, is_backfill in self.writers():
+            mv.delete(self.milvus, names, ids)
+            if is_backfill:
+                self.backfill.note({}, {e.project_id: e.ts_ms for e in deleted})
+
+    def apply(self, polled: Polled) -> None:
+        """One batch: Milvus first, then failures and offsets in one transaction."""
+        events = latest_per_project(polled.events, self.recent)
+        deleted = [e for e in events if e.type == "deleted"]
+        upserts = [e for e in events if e.type != "deleted"]
+        published = self.with_db(lambda conn: failures.published_ms(
+            conn, [e.project_id for e in upserts]))
+        failed = self.upsert_items([event_item(e, published) for e in upserts], "stream")
+        self.delete_ids(deleted)
+        failed_ids = {item.project_id for item, _ in failed}
+        done = [e.project_id for e in events if e.project_id not in failed_ids]
+        attempts = self.with_db(lambda conn: commit(conn, self.settings.embed_group,
+                                                    polled.next_offsets, failed, done))
+        if failed:
+            log_failures(failed, attempts, self.settings.embed_max_attempts)
+        self.recent.add(events)
+        observe(events, failed_ids)
+
+    def stream_step(self) -> None:
+        if self.stream is None:
+            self.stream = Stream(self.settings, self.load_offsets)
+        timeout = self.settings.embed_poll_timeout_ms
+        if self.backfill is not None and self.stream.joined:
+            # Backfill steps wait; a zero timeout would also stall the group join.
+            timeout = min(timeout, 10)
+        polled = self.stream.poll(timeout)
+        if polled.next_offsets:
+            self.apply(polled)
+        self.stream.rewind_truncated()
+        self.stream.report_lag()
+
+    def retry_step(self) -> None:
+        interval = 0.0 if self.drain else self.settings.embed_retry_interval_s
+        if time.monotonic() < self.next_retry or not self.writers():
+            return
+        self.next_retry = time.monotonic() + min(interval, 5.0)
+        items = self.with_db(lambda conn: failures.due_retries(
+            conn, self.settings.embed_max_attempts, interval, self.settings.embed_backfill_chunk))
+        if not items:
+            return
+        failed = self.upsert_items(items, "retry")
+        failed_ids = {item.project_id for item, _ in failed}
+        done = [i.project_id for i in items if i.project_id not in failed_ids]
+        attempts = self.with_db(lambda conn: commit(conn, self.settings.embed_group, {},
+                                                    failed, done))
+        log_failures(failed, attempts, self.settings.embed_max_attempts)
+        if done:
+            log.info("retried %d projects successfully", len(done))
+
+    def retries_pending(self) -> bool:
+        return bool(self.with_db(lambda conn: failures.due_retries(
+            conn, self.settings.embed_max_attempts, 0.0, 1)))
+
+    # -- the loop ------------------------------------------------------------------------
+
+    def run(self) -> int:
+        try:
+            self.discover()
+            while not self.stopping:
+                self.check_model()
+                if not self.writers():
+                    if self.drain:
+                        log.info("no promoted CNN version and no collection: nothing to do")
+                        break
+                    mv.sleep_unless(lambda: self.stopping, 1.0)
+                    continue
+                self.step()
+                if self.drain and self.drained():
+                    log.info("backfills done and caught up on every partition; draining done")
+                    break
+        except mv.Stopped:
+            log.info("stopped while waiting for a server; the unacknowledged batch will be "
+                     "replayed")
+        finally:
+            self.close()
+        self.meter.summary()
+        return 1 if (self.drain and self.failed) else 0
+
+    def step(self) -> None:
+        try:
+            for part in (self.stream_step, self.backfill_step, self.retry_step,
+                         self.drop_retired):
+                timed(part)
+        except psycopg.Error as error:
+            self.db_failed(error)  # retried on the next turn: every write is idempotent
+        self.meter.tick()
+
+    def drop_retired(self) -> None:
+        self.retirement.drop_due(self.milvus)
+
+    def drained(self) -> bool:
+        if self.failed:
+            return True
+        return (self.backfill is None and self.stream is not None and self.stream.caught_up()
+                and not self.retries_pending())
+
+    def stop(self, *_args) -> None:
+        self.stopping = True
+
+    def close(self) -> None:
+        if self.stream is not None:
+            with contextlib.suppress(Exception):
+                self.stream.close()
+        self.milvus.close()
+        if self.conn is not None:
+            with contextlib.suppress(psycopg.Error):
+                self.conn.close()
+
+
+def timed(part: Callable[[], object], slow_s: float = 5.0) -> None:
+    # A slow part delays every stream event behind it: say which one it was.
+    started = time.monotonic()
+    part()
+    if time.monotonic() - started > slow_s:
+        log.warning("slow loop step: %s took %.1f s", part.__name__,
+                    time.monotonic() - started)
+
+
+def commit(conn: psycopg.Connection, group: str, next_offsets: dict,
+           failed: list[tuple[Item, str]], done: list[int]) -> dict[int, int]:
+    with conn.transaction(), conn.cursor() as cur:
+        attempts = failures.record(cur, failed)
+        failures.clear(cur, done)
+        failures.store_offsets(cur, group, next_offsets)
+    return attempts
+
+
+def observe(events: list[ProjectEvent], failed_ids: set[int]) -> None:
+    now_ms = time.time() * 1000
+    for event in events:
+        if event.project_id in failed_ids:
+            metrics.EVENTS.labels("failed").inc()
+            continue
+        metrics.EVENTS.labels("deleted" if event.type == "deleted" else "upserted").inc()
+        metrics.FRESHNESS.observe(max(0.0, now_ms - event.ts_ms) / 1000)
+
+
+class Meter:
+    """Stream images/s in the log and as a gauge every few seconds."""
+
+    def __init__(self, every_s: float = 10.0):
+        self.every_s = every_s
+        self.started = self.last = time.monotonic()
+        self.count, self.seconds, self.total = 0, 0.0, 0
+
+    def images(self, count: int, seconds: float) -> None:
+        self.count += count
+        self.seconds += seconds
+        self.total += count
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        if now - self.last < self.every_s:
+            return
+        if self.count:
+            rate = self.count / self.seconds if self.seconds else 0.0
+            metrics.IMAGES_PER_SECOND.labels("stream").set(rate)
+            log.info("stream: %d images in %.0f s, %.0f images/s while embedding",
+                     self.count, now - self.last, rate)
+        self.last, self.count, self.seconds = now, 0, 0.0
+
+    def summary(self) -> None:
+        log.info("stopped: %d stream images in %.1f s", self.total,
+                 time.monotonic() - self.started)
+
+
+def install_signal_handlers(embedder: Embedder) -> None:
+    signal.signal(signal.SIGTERM, embedder.stop)
+    signal.signal(signal.SIGINT, embedder.stop)

@@ -1,0 +1,179 @@
+"""Backfill and alias swap, in process, against the real Milvus and Postgres."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+from services.embedder.service import Embedder
+from shared import milvus as contract
+from shared.kafka.admin import ensure_topics
+from tests.services.embedder.conftest import (
+    alias_target,
+    client,
+    failures,
+    insert_projects,
+    make_cnn,
+    make_corrupt,
+    make_factors,
+    seed_projects,
+)
+
+PROJECTS, USERS = contract.PROJECTS, contract.USERS
+
+
+def drain(settings) -> int:
+    return Embedder(settings, drain=True).run()
+
+
+def count(c, name: str) -> int:
+    return c.query(name, filter="", output_fields=["count(*)"],
+                   consistency_level="Strong")[0]["count(*)"]
+
+
+class QueryLoop(threading.Thread):
+    """Searches through the alias without pause, recording what each response held."""
+
+    def __init__(self, settings):
+        super().__init__(daemon=True)
+        self.settings, self.stop = settings, threading.Event()
+        self.responses: list[tuple[int, frozenset]] = []
+        self.errors: list[str] = []
+
+    def run(self) -> None:
+        c = client(self.settings)
+        alias = contract.alias(self.settings, PROJECTS)
+        query = np.ones(8, np.float32) / np.sqrt(8)
+        while not self.stop.is_set():
+            try:
+                hits = c.search(alias, data=[query.tolist()], limit=100,
+                                output_fields=["model_version"],
+                                search_params={"metric_type": "COSINE", "params": {"ef": 128}})
+                versions = frozenset(h["entity"]["model_version"] for h in hits[0])
+                self.responses.append((len(hits[0]), versions))
+            except Exception as error:  # recorded and asserted on below
+                self.errors.append(f"{type(error).__name__}: {error}")
+        c.close()
+
+
+def test_backfill_then_swap_under_concurrent_queries(esettings, db_url):
+    settings = esettings.model_copy(update={"embed_drop_grace_s": 30.0})
+    ensure_topics(settings)
+    seed_projects(settings, db_url, 30)
+    insert_projects(db_url, [(31, 5, make_corrupt(settings.data_dir / "bad.png"))])
+    factors = make_factors(settings, db_url, range(1, 21))
+    v1 = make_cnn(settings, db_url, seed=1, factor_version=factors)
+
+    assert drain(settings) == 0
+    c = client(settings)
+    assert alias_target(c, settings, PROJECTS) == f"{settings.milvus_prefix}{PROJECTS}_v{v1}"
+    assert alias_target(c, settings, USERS) == f"{settings.milvus_prefix}{USERS}_v{v1}"
+    assert count(c, contract.alias(settings, PROJECTS)) == 30  # the corrupt one is parked
+    assert count(c, contract.alias(settings, USERS)) == 20
+    assert failures(db_url)[31][0] == settings.embed_max_attempts
+
+    loop = QueryLoop(settings)
+    loop.start()
+    v2 = make_cnn(settings, db_url, seed=2, factor_version=factors)
+    assert drain(settings) == 0
+    loop.stop.set()
+    loop.join(10)
+
+    assert not loop.errors, loop.errors[:3]
+    assert len(loop.responses) > 10
+    assert all(len(versions) == 1 for _, versions in loop.responses)  # never a mix
+    assert all(n == 30 for n, _ in loop.responses)  # never a half-filled collection
+    seen = [next(iter(v)) for _, v in loop.responses]
+    assert seen[-1] == v2 and set(seen) <= {v1, v2}
+    assert seen == sorted(seen)  # once on v2, never back
+    old = f"{settings.milvus_prefix}{PROJECTS}_v{v1}"
+    assert c.has_collection(old)  # still inside its grace period
+
+    # A later run finds the unaliased old collections and drops them after the grace.
+    assert drain(settings.model_copy(update={"embed_drop_grace_s": 0.0})) == 0
+    assert not c.has_collection(old)
+    assert not c.has_collection(f"{settings.milvus_prefix}{USERS}_v{v1}")
+    assert count(c, contract.alias(settings, PROJECTS)) == 30
+    c.close()
+
+
+def test_crashed_backfill_keeps_old_alias_and_restart_rebuilds(esettings, db_url):
+    settings = esettings.model_copy(update={"embed_backfill_chunk": 4})
+    ensure_topics(settings)
+    seed_projects(settings, db_url, 20)
+    factors = make_factors(settings, db_url, range(1, 11))
+    v1 = make_cnn(settings, db_url, seed=1, factor_version=factors)
+    assert drain(settings) == 0
+    c = client(settings)
+    alias = contract.alias(settings, PROJECTS)
+
+    # v2 serves penultimate features: 128-d, not factor space.
+    v2 = make_cnn(settings, db_url, seed=2, feature="penultimate", factor_version=factors)
+    crashed = Embedder(settings, drain=True)
+    crashed.discover()
+    crashed.check_model()
+    for _ in range(2):
+        crashed.backfill.step()
+    crashed.milvus.close()  # dies here: no verification, no swap
+    partial = f"{settings.milvus_prefix}{PROJECTS}_v{v2}"
+    c.flush(partial)  # not loaded, not queryable: its row count is in its stats
+    assert int(c.get_collection_stats(partial)["row_count"]) == 8
+    assert alias_target(c, settings, PROJECTS) == f"{settings.milvus_prefix}{PROJECTS}_v{v1}"
+    assert count(c, alias) == 20
+
+    assert drain(settings) == 0  # drops the partial collection and fills it again
+    assert alias_target(c, settings, PROJECTS) == partial
+    assert count(c, alias) == 20
+    described = c.describe_collection(alias)
+    dims = [f["params"]["dim"] for f in described["fields"] if f["name"] == "embedding"]
+    assert dims == [128]
+    assert alias_target(c, settings, USERS) is None  # no users space for penultimate
+    assert not c.has_collection(f"{settings.milvus_prefix}{PROJECTS}_v{v1}")  # grace 0
+    assert not c.has_collection(f"{settings.milvus_prefix}{USERS}_v{v1}")
+    c.close()
+
+
+def test_backfill_prefers_newer_stream_states_over_postgres(esettings, db_url):
+    """Ingest may lag behind the embedder's own consumer: Postgres still holds the old
+    image of project 1 and the deleted project 2, and has not seen project 50 at all."""
+    import psycopg
+
+    from services.embedder import collections as mv
+    from services.embedder.backfill import Backfill
+    from services.embedder.encode import Encoder
+    from shared.cnn import cnn_version
+    from shared.events import ProjectEvent
+    from tests.services.embedder.conftest import (
+        NOW_MS,
+        expected_vectors,
+        make_image,
+        rows,
+    )
+
+    settings = esettings.model_copy(update={"embed_backfill_chunk": 2})
+    paths = seed_projects(settings, db_url, 4)
+    version = make_cnn(settings, db_url, seed=1)
+    newer = make_image(settings.data_dir / "images" / "1-new.png", 77)
+    now = NOW_MS()
+    replay = [ProjectEvent("u1", "updated", 1, 101, newer, now),  # applied before the start
+              ProjectEvent("p50", "published", 50, 9, paths[4], now)]
+    milvus = mv.Milvus(settings)
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        encoder = Encoder(settings, cnn_version(conn, version))
+        backfill = Backfill(settings, milvus, lambda: conn, encoder, True, False, replay)
+        backfill.start()
+        backfill.step()  # the replayed events first
+        mv.delete(milvus, backfill.targets(), [2])  # the stream deletes 2 meanwhile
+        backfill.note({}, {2: now})
+        while not backfill.step():
+            pass
+        backfill.verify()
+        backfill.swap()
+    milvus.close()
+    c = client(settings)
+    found = rows(c, contract.alias(settings, PROJECTS))
+    c.close()
+    assert set(found) == {1, 3, 4, 50}
+    want = expected_vectors(settings, version, [newer])[0]
+    assert np.dot(found[1]["embedding"], want) > 0.999  # not Postgres' older image

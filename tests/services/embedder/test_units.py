@@ -1,0 +1,97 @@
+"""The embedder's plain functions, without servers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from services.embedder.backfill import normalized_users, user_rows
+from services.embedder.collections import version_of
+from services.embedder.encode import Encoder, Item
+from services.embedder.stream import Recent, latest_per_project
+from shared.events import ProjectEvent
+from shared.settings import Settings
+from shared.vision import ModelConfig, build_model, save_model
+from tests.services.embedder.conftest import make_corrupt, make_image
+
+
+def ev(pid: int, ts: int, kind: str = "published", n: int = 0) -> ProjectEvent:
+    return ProjectEvent(f"{pid}-{ts}-{n}", kind, pid, 1, f"/{pid}-{ts}.png", ts)
+
+
+def test_latest_per_project_orders_by_ts_like_ingest():
+    events = [ev(1, 10), ev(1, 30, "updated"), ev(1, 20, "deleted"), ev(2, 5), ev(2, 5, n=1)]
+    latest = {e.project_id: e for e in latest_per_project(events)}
+    assert latest[1].ts_ms == 30 and latest[1].type == "updated"
+    assert latest[2].event_id == "2-5-1"  # same ts: the later one wins
+    recent = Recent(60)
+    recent.add([ev(3, 100)])
+    assert latest_per_project([ev(3, 50, "deleted")], recent) == []  # older than applied
+
+
+def test_recent_forgets_after_its_window():
+    recent = Recent(0.0)
+    recent.add([ev(1, 10)])
+    recent.add([ev(2, 10)])
+    assert [e.project_id for e in recent.snapshot()] == [2]
+    assert recent.ts(1) == -1
+
+
+def test_user_rows_are_normalized_and_skip_zero_vectors():
+    factors = np.array([[3, 4], [0, 0], [1, 0]], np.float32)
+    rows = user_rows(*normalized_users(factors, np.array([7, 8, 9])), version=5)
+    assert [r["user_id"] for r in rows] == [7, 9]
+    assert np.allclose(rows[0]["embedding"], [0.6, 0.8])
+    assert {r["model_version"] for r in rows} == {5}
+
+
+def test_version_of_reads_only_our_names():
+    settings = Settings(milvus_prefix="t1_")
+    assert version_of(settings, "cofeat_projects", "t1_cofeat_projects_v12") == 12
+    assert version_of(settings, "cofeat_projects", "t2_cofeat_projects_v12") is None
+    assert version_of(settings, "cofeat_projects", "t1_cofeat_users_v12") is None
+    assert version_of(settings, "cofeat_projects", "t1_cofeat_projects_v1x") is None
+
+
+@pytest.fixture
+def encoder(tmp_path) -> Encoder:
+    model = build_model(ModelConfig(backbone="small", out_dim=8, image_size=64)).eval()
+    save_model(tmp_path / "models/cnn/v3/model.pt", model)
+    (tmp_path / "models/cnn/v3/meta.json").write_text('{"version": 3}')
+    settings = Settings(data_dir=tmp_path, embed_device="cpu", embed_batch_size=2)
+    return Encoder(settings, {"id": 3, "artifact": "models/cnn/v3"})
+
+
+def test_encoder_keeps_good_rows_and_names_each_failure(encoder, tmp_path):
+    good = make_image(tmp_path / "good.png", 1)
+    (tmp_path / "rel.png").write_bytes((tmp_path / "good.png").read_bytes())
+    items = [Item(1, 10, 100, good, 100), Item(2, 10, 100, make_corrupt(tmp_path / "c.png"), 1),
+             Item(3, 10, 100, str(tmp_path / "missing.png"), 1),
+             Item(4, 10, 100, "http://example.com/x.png", 1),
+             Item(5, 11, 200, "rel.png", 1), Item(6, 10, 100, f"file://{good}", 1)]
+    result = encoder.embed(items)
+    assert [r["project_id"] for r in result.rows] == [1, 5, 6]
+    reasons = {item.project_id: why for item, why in result.failed}
+    assert set(reasons) == {2, 3, 4}
+    assert "FileNotFoundError" in reasons[3] and "unsupported_uri" in reasons[4]
+    row = result.rows[1]
+    assert (row["model_version"], row["owner_id"], row["published_at"]) == (3, 11, 200)
+    assert np.isclose(np.linalg.norm(row["embedding"]), 1.0, atol=1e-5)
+    assert np.allclose(result.rows[0]["embedding"], result.rows[2]["embedding"])
+
+
+def test_encoder_decodes_in_threads_with_the_same_result(encoder, tmp_path, monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from services.embedder import encode
+
+    items = [Item(i, 1, 1, make_image(tmp_path / f"{i}.png", i), 1) for i in range(5)]
+    items.insert(2, Item(99, 1, 1, make_corrupt(tmp_path / "bad.png"), 1))
+    alone = encoder.embed(items)
+    monkeypatch.setattr(encode, "WORKERS_FROM", 1)
+    encoder.pool = ThreadPoolExecutor(2)
+    pooled = encoder.embed(items)
+    assert [r["project_id"] for r in pooled.rows] == [0, 1, 2, 3, 4]
+    assert [item.project_id for item, _ in pooled.failed] == [99]
+    assert np.allclose([r["embedding"] for r in alone.rows],
+                       [r["embedding"] for r in pooled.rows], atol=1e-6)
