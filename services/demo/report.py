@@ -41,8 +41,9 @@ def pipeline_figures(settings) -> dict:
             "SELECT id, kind, parent_id, status, created_at, metrics FROM model_versions "
             "ORDER BY id"))]
         parked = conn.execute(text("SELECT to_regclass('embed_failures') IS NOT NULL")).scalar()
-        failures = conn.execute(text("SELECT count(*) FROM embed_failures")).scalar() \
-            if parked else 0
+        failures = conn.execute(
+            text("SELECT count(*) FROM embed_failures WHERE attempts >= :n"),
+            {"n": settings.embed_max_attempts}).scalar() if parked else 0
     engine.dispose()
     dlq = {t: topic_size(settings, topics.dlq_topic(t))
            for t in topics.source_topics(settings.topic_prefix)}

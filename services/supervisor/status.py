@@ -35,11 +35,12 @@ def version_rows(engine) -> list[dict]:
         return [dict(r._mapping) for r in conn.execute(text(_VERSIONS))]
 
 
-def parked_failures(engine) -> int | None:
+def parked_failures(engine, max_attempts: int) -> int | None:
+    """Failures that used up their retries (fewer attempts: still being retried)."""
     with engine.connect() as conn:
         exists = conn.execute(text("SELECT to_regclass('embed_failures')")).scalar()
-        return conn.execute(text("SELECT count(*) FROM embed_failures")).scalar() \
-            if exists else None
+        return conn.execute(text("SELECT count(*) FROM embed_failures WHERE attempts >= :n"),
+                            {"n": max_attempts}).scalar() if exists else None
 
 
 def collect(settings: Settings, engine) -> dict:
@@ -49,7 +50,7 @@ def collect(settings: Settings, engine) -> dict:
     return {"topics": list(topics.source_topics(settings.topic_prefix)),
             "lag": lag_rows(settings, engine),
             "versions": version_rows(engine),
-            "embed_failures_parked": parked_failures(engine),
+            "embed_failures_parked": parked_failures(engine, settings.embed_max_attempts),
             "supervisor": read_json(path) if path.exists() else None}
 
 
