@@ -1,0 +1,1 @@
+"""The query side: `cofeat serve` (HTTP API) and `cofeat search` (command line)."""

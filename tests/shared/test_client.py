@@ -1,0 +1,110 @@
+"""shared/client.py against the session Milvus, on a world with known neighbours."""
+
+from __future__ import annotations
+
+import ast
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from shared import client as client_module
+from shared import milvus
+from shared.client import CofeatClient, NotFound
+from shared.settings import Settings
+from tests.services.serve.world import FIRST_PROJECT, FIRST_USER, HOUR_MS, drop_world, make_world
+
+
+@pytest.fixture(scope="module")
+def world(milvus_uri, tmp_path_factory):
+    world = make_world(milvus_uri, tmp_path_factory.mktemp("data"))
+    yield world
+    drop_world(world.settings)
+
+
+@pytest.fixture(scope="module")
+def client(world):
+    client = CofeatClient.from_settings(world.settings)
+    yield client
+    client.close()
+
+
+def ids(hits) -> list[int]:
+    return [hit.project_id for hit in hits]
+
+
+def test_matches_the_milvus_contract():
+    settings = Settings()
+    assert (client_module.PROJECTS, client_module.USERS) == (milvus.PROJECTS, milvus.USERS)
+    assert client_module.VECTOR_FIELD == milvus.VECTOR_FIELD
+    assert {"metric_type": client_module.METRIC, "params": {"ef": settings.milvus_search_ef}} \
+        == milvus.search_params(settings)
+
+
+def test_is_copyable_alone():
+    tree = ast.parse(Path(client_module.__file__).read_text())
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree)
+                if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module.split(".")[0] for node in ast.walk(tree)
+                 if isinstance(node, ast.ImportFrom)}
+    assert imported <= {"__future__", "time", "collections", "dataclasses", "numpy", "pymilvus"}
+
+
+def test_similar_to_project_in_order_without_itself(world, client):
+    row = 7
+    hits = client.similar_to_project(FIRST_PROJECT + row, k=10)
+    expected = world.nearest(world.projects[row])
+    assert expected[0] == FIRST_PROJECT + row  # itself, which must not come back
+    assert ids(hits) == expected[1:11]
+    scores = [hit.score for hit in hits]
+    assert scores == sorted(scores, reverse=True)
+    assert scores[0] == pytest.approx(float(world.projects[row] @ world.projects[
+        hits[0].project_id - FIRST_PROJECT]), abs=1e-5)
+    assert hits[0].owner_id == world.owners[hits[0].project_id - FIRST_PROJECT]
+    assert hits[0].model_version == world.version
+    assert set(hits[0].as_dict()) == {"project_id", "score", "owner_id", "published_at",
+                                      "model_version"}
+
+
+def test_exclude_owner(world, client):
+    row = 12
+    hits = client.similar_to_project(FIRST_PROJECT + row, k=15, exclude_owner=True)
+    keep = world.owners != world.owners[row]
+    assert ids(hits) == world.nearest(world.projects[row], keep)[:15]
+    assert all(hit.owner_id != world.owners[row] for hit in hits)
+
+
+def test_for_user_ranks_the_closest_projects_first(world, client):
+    for row in (0, 5):
+        hits = client.for_user(FIRST_USER + row, k=20)
+        assert ids(hits) == world.nearest(world.users[row])[:20]
+
+
+def test_for_user_new_only(world, client):
+    row = 3
+    # The default window is 7 days: projects published less than 168 hours ago.
+    hits = client.for_user(FIRST_USER + row, k=20, new_only=True)
+    assert ids(hits) == world.nearest(world.users[row], np.arange(300) < 168)[:20]
+    since = int(time.time() * 1000) - 24 * HOUR_MS
+    hits = client.for_user(FIRST_USER + row, k=50, new_since_ms=since)
+    assert ids(hits) == world.nearest(world.users[row], np.arange(300) < 24)
+    assert all(hit.published_at >= since for hit in hits)
+
+
+def test_unknown_ids_raise_not_found(client):
+    with pytest.raises(NotFound, match="project 999999"):
+        client.similar_to_project(999_999)
+    with pytest.raises(NotFound, match="user 999999"):
+        client.for_user(999_999)
+
+
+def test_similar_to_vector_checks_its_input(world, client):
+    assert ids(client.similar_to_vector(world.projects[0] * 3, k=1)) == [FIRST_PROJECT]
+    for bad in ([], [[1.0, 2.0]], np.zeros(16), [np.nan] * 16):
+        with pytest.raises(ValueError):
+            client.similar_to_vector(bad)
+
+
+def test_collection_version(world, client):
+    assert client.collection_version() == world.version
