@@ -12,6 +12,7 @@ import json
 import socket
 import time
 import urllib.request
+import uuid
 
 from services.demo.steps import RATES, Demo, say, stop
 
@@ -25,7 +26,11 @@ def free_port() -> int:
 def run(demo: Demo) -> None:
     started = time.monotonic()
     if demo.state().get("scale") != demo.scale:
-        demo.state_path.write_text(json.dumps({"scale": demo.scale}))
+        # One Milvus serves the whole machine (cofeat dev up reuses a running one), so a
+        # fresh demo gets collection names of its own instead of meeting an older run's.
+        demo.state_path.write_text(json.dumps(
+            {"scale": demo.scale, "milvus_prefix": f"demo{uuid.uuid4().hex[:6]}_"}))
+    demo.env.setdefault("COFEAT_MILVUS_PREFIX", demo.state()["milvus_prefix"])
     say(f"== cofeat demo ({demo.scale}) in {demo.data_dir}")
     demo.cofeat("dev", "up")
     demo.cofeat("migrate")
@@ -41,6 +46,9 @@ def run(demo: Demo) -> None:
     path = write_report(demo)
     say((demo.data_dir / "report" / "eval.md").read_text())
     say(f"== report: {path}   ({time.monotonic() - started:.0f} s this run)")
+    say(f"   query it: export COFEAT_DATA_DIR={demo.data_dir} "
+        f"COFEAT_MILVUS_PREFIX={demo.env['COFEAT_MILVUS_PREFIX']}; "
+        "cofeat search similar --project-id 1")
 
 
 def live_loop(demo: Demo) -> None:
@@ -74,11 +82,22 @@ def wait_for_ingest(demo: Demo, timeout_s: float = 600) -> None:
 
 
 def catch_up(demo: Demo) -> None:
-    say("== catch up: drain ingest, refresh once more, drain the embedder")
+    """Drain what is left. The factors are not refitted here when the live loop made a
+    version: the events after it are the "future" the evaluation scores predictions on."""
+    say("== catch up: drain ingest, make sure the CNN learned the latest factors, "
+        "drain the embedder")
     demo.cofeat("ingest", "--drain", log_name="ingest-drain")
-    demo.cofeat("refresh", "--once", log_name="refresh-final")
+    if not has_factor_version(demo):
+        demo.cofeat("refresh", "factors", "--once", log_name="refresh-final")
+    demo.cofeat("refresh", "cnn", "--once", log_name="refresh-final")
     demo.cofeat("embed", "--drain", log_name="embed-drain")
     demo.mark("caught_up")
+
+
+def has_factor_version(demo: Demo) -> bool:
+    status = json.loads(demo.cofeat("status", "--json", capture=True).stdout)
+    return any(row["kind"] == "factors" and row["status"] == "promoted"
+               for row in status["versions"])
 
 
 def scrape_histogram(port: int, name: str) -> dict | None:

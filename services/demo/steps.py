@@ -17,14 +17,16 @@ log = logging.getLogger("cofeat.demo")
 DEMO_ENV = {
     "small": {"COFEAT_CNN_BACKBONE": "small", "COFEAT_CNN_IMAGE_SIZE": "64",
               "COFEAT_CNN_EPOCHS": "8", "COFEAT_CNN_REFRESH_EPOCHS": "2",
-              "COFEAT_ALS_FACTORS": "32", "COFEAT_RUN_REFRESH_EVERY": "3m"},
+              "COFEAT_ALS_FACTORS": "32", "COFEAT_RUN_REFRESH_EVERY": "60s"},
     "tiny": {"COFEAT_CNN_BACKBONE": "small", "COFEAT_CNN_IMAGE_SIZE": "32",
              "COFEAT_CNN_EPOCHS": "3", "COFEAT_CNN_REFRESH_EPOCHS": "1",
              "COFEAT_ALS_FACTORS": "16", "COFEAT_ALS_ITERATIONS": "8",
              "COFEAT_FILTER_MIN_USER_COUNT": "2", "COFEAT_FILTER_MIN_ITEM_COUNT": "2",
-             "COFEAT_RUN_REFRESH_EVERY": "40s"},
+             "COFEAT_RUN_REFRESH_EVERY": "15s"},
 }
-RATES = {"small": 6000, "tiny": 2000}
+# Slow enough that refreshes and the embedder's model swaps happen while events stream,
+# and new projects keep arriving after a model is live (freshness is measured on them).
+RATES = {"small": 3000, "tiny": 250}
 
 
 class Demo:

@@ -4,7 +4,8 @@ from prometheus_client import Counter, Gauge, Histogram
 
 EVENTS = Counter("cofeat_embed_events_total", "Project events consumed", ["result"])
 FRESHNESS = Histogram(
-    "cofeat_embed_freshness_seconds", "Project event ts to Milvus acknowledging its write",
+    "cofeat_embed_freshness_seconds",
+    "Project event produced (Kafka timestamp) to Milvus acknowledging its write",
     buckets=(0.1, 0.25, 0.5, 1, 2, 3, 5, 10, 30, 60, 300, 3600))
 IMAGES = Counter("cofeat_embed_images_total", "Images embedded", ["phase"])
 IMAGES_PER_SECOND = Gauge("cofeat_embed_images_per_second",

@@ -221,7 +221,7 @@ class Embedder:
         if failed:
             log_failures(failed, attempts, self.settings.embed_max_attempts)
         self.recent.add(events)
-        observe(events, failed_ids)
+        observe(events, failed_ids, polled.produced_ms)
 
     def stream_step(self) -> None:
         if self.stream is None:
@@ -332,14 +332,17 @@ def commit(conn: psycopg.Connection, group: str, next_offsets: dict,
     return attempts
 
 
-def observe(events: list[ProjectEvent], failed_ids: set[int]) -> None:
+def observe(events: list[ProjectEvent], failed_ids: set[int],
+            produced_ms: dict[str, int]) -> None:
     now_ms = time.time() * 1000
     for event in events:
         if event.project_id in failed_ids:
             metrics.EVENTS.labels("failed").inc()
             continue
         metrics.EVENTS.labels("deleted" if event.type == "deleted" else "upserted").inc()
-        metrics.FRESHNESS.observe(max(0.0, now_ms - event.ts_ms) / 1000)
+        produced = produced_ms.get(event.event_id)
+        if produced is not None and produced > 0:
+            metrics.FRESHNESS.observe(max(0.0, now_ms - produced) / 1000)
 
 
 class Meter:

@@ -30,6 +30,7 @@ class Polled:
     events: list[ProjectEvent] = field(default_factory=list)
     invalid: int = 0
     next_offsets: dict[tuple[str, int], int] = field(default_factory=dict)
+    produced_ms: dict[str, int] = field(default_factory=dict)  # event_id -> Kafka timestamp
 
 
 class _SeekToStored(ConsumerRebalanceListener):
@@ -74,9 +75,14 @@ class Stream:
         for tp, batch in records.items():
             for record in batch:
                 try:
-                    polled.events.append(parse(record))
+                    event = parse(record)
                 except InvalidEvent:
                     polled.invalid += 1
+                    continue
+                polled.events.append(event)
+                # The broker-side time the event was produced: freshness is measured from
+                # it, not from the event's own ts (which may be simulated or skewed).
+                polled.produced_ms[event.event_id] = record.timestamp
             if batch:
                 polled.next_offsets[(tp.topic, tp.partition)] = batch[-1].offset + 1
         if polled.invalid:

@@ -1,0 +1,58 @@
+"""`make demo SCALE=tiny`: the whole loop, ending in a non-trivial table and report."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import uuid
+
+import pytest
+
+from tests.helpers import settings_env
+
+
+@pytest.fixture
+def milvus_prefix(milvus_uri):
+    from pymilvus import MilvusClient
+
+    prefix = f"demo{uuid.uuid4().hex[:8]}_"
+    yield prefix
+    client = MilvusClient(uri=milvus_uri)
+    for alias in client.list_aliases().get("aliases", []):
+        if alias.startswith(prefix):
+            client.drop_alias(alias)
+    for name in client.list_collections():
+        if name.startswith(prefix):
+            client.drop_collection(name)
+    client.close()
+
+
+def test_tiny_demo_writes_the_table_and_report(settings, milvus_uri, milvus_prefix, tmp_path):
+    env = settings_env(settings, COFEAT_MILVUS_URI=milvus_uri, COFEAT_MILVUS_PREFIX=milvus_prefix,
+                       COFEAT_LOG_FORMAT="json")
+    result = subprocess.run([sys.executable, "-m", "services", "demo", "--scale", "tiny"],
+                            env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = settings.data_dir / "report"
+    assert "| style_map@10 |" in result.stdout
+
+    results = json.loads((report / "eval.json").read_text())["results"]
+    features = {r["features"] for r in results}
+    assert {"collaborative-regress", "category-supervised", "handcrafted"} <= features
+    style = {r["features"]: r["score"] for r in results if r["task"] == "style_map@10"}
+    assert all(0 <= score <= 1 for score in style.values())
+    assert style["collaborative-regress"] > 0.1, style  # chance is 1/24
+
+    page = (report / "index.html").read_text()
+    assert "style_map@10" in page and "Model versions" in page
+    assert (report / "neighbours.png").stat().st_size > 10_000
+    assert list(report.glob("loss-v*.png"))
+    state = json.loads((settings.data_dir / "demo" / "state.json").read_text())
+    assert {"live", "caught_up", "eval"} <= set(state)
+
+    # Run again: every step is recorded, so it only rebuilds the report.
+    again = subprocess.run([sys.executable, "-m", "services", "demo", "--scale", "tiny"],
+                           env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "live loop" not in again.stdout
