@@ -144,10 +144,27 @@ def data_dir(tmp_path) -> Path:
 
 @pytest.fixture
 def settings(db_url, broker, data_dir) -> Settings:
+    # Own topics and own consumer groups: a member a previous test killed must not hold up
+    # this test's group join on the shared broker.
+    tag = uuid.uuid4().hex[:8]
     return Settings(
         database_url=db_url, kafka_bootstrap=broker, data_dir=data_dir,
-        topic_prefix=f"t{uuid.uuid4().hex[:8]}.", kafka_session_timeout_ms=6000,
-        kafka_heartbeat_interval_ms=2000, log_format="text", milvus_uri="http://127.0.0.1:0")
+        topic_prefix=f"t{tag}.", ingest_group=f"ingest-{tag}", embed_group=f"embed-{tag}",
+        kafka_session_timeout_ms=6000, kafka_heartbeat_interval_ms=2000, log_format="text",
+        milvus_uri="http://127.0.0.1:0")
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_processes():
+    """Services a test started and did not stop (a failed assertion) are killed."""
+    from tests.helpers import STARTED
+
+    yield
+    while STARTED:
+        proc = STARTED.pop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
 
 
 @pytest.fixture

@@ -36,6 +36,8 @@ def settings_env(settings: Settings, **extra: str) -> dict[str, str]:
         "COFEAT_KAFKA_HEARTBEAT_INTERVAL_MS": str(settings.kafka_heartbeat_interval_ms),
         "COFEAT_LOG_FORMAT": "text",
         "COFEAT_INGEST_RETRY_MAX_S": "1",
+        "COFEAT_INGEST_GROUP": settings.ingest_group,
+        "COFEAT_EMBED_GROUP": settings.embed_group,
     })
     env.update(extra)
     return env
@@ -45,9 +47,17 @@ def cofeat(*args: str) -> list[str]:
     return [sys.executable, "-m", "services", *args]
 
 
+STARTED: list[subprocess.Popen] = []  # killed after each test if still running (conftest)
+
+
+def start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    proc = subprocess.Popen(args, env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT)
+    STARTED.append(proc)
+    return proc
+
+
 def start_ingest(settings: Settings, log: Path, *args: str, **env) -> subprocess.Popen:
-    return subprocess.Popen(cofeat("ingest", *args), env=settings_env(settings, **env),
-                            stdout=log.open("ab"), stderr=subprocess.STDOUT)
+    return start(cofeat("ingest", *args), settings_env(settings, **env), log)
 
 
 def run_ingest(settings: Settings, log: Path, *args: str, timeout: float = 120) -> int:

@@ -15,6 +15,7 @@ import urllib.request
 import uuid
 
 from services.demo.steps import RATES, Demo, say, stop
+from shared.settings import Settings
 
 
 def free_port() -> int:
@@ -73,7 +74,8 @@ def wait_for_ingest(demo: Demo, timeout_s: float = 600) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         status = json.loads(demo.cofeat("status", "--json", capture=True).stdout)
-        lags = [row["lag"] for row in status["lag"] if row["group"] == "cofeat-ingest"]
+        group = demo.env.get("COFEAT_INGEST_GROUP", Settings.model_fields["ingest_group"].default)
+        lags = [row["lag"] for row in status["lag"] if row["group"] == group]
         if lags and all(lag == 0 for lag in lags):
             return
         say(f"   ingest lag {sum(lag or 0 for lag in lags):,} events")

@@ -19,7 +19,7 @@ from shared.artifacts import version_dir, write_json
 from shared.factors import Factors, write_factors
 from shared.settings import Settings
 from shared.vision import ModelConfig, build_model, embed_images, save_model
-from tests.helpers import cofeat, settings_env
+from tests.helpers import cofeat, settings_env, start
 
 DIM = 8
 NOW_MS = lambda: int(time.time() * 1000)  # noqa: E731
@@ -61,8 +61,7 @@ def env(settings: Settings, **extra: str) -> dict[str, str]:
 
 
 def start_embed(settings: Settings, log: Path, *args: str, **extra) -> subprocess.Popen:
-    return subprocess.Popen(cofeat("embed", *args), env=env(settings, **extra),
-                            stdout=log.open("ab"), stderr=subprocess.STDOUT)
+    return start(cofeat("embed", *args), env(settings, **extra), log)
 
 
 # -- model and factor versions ------------------------------------------------------------

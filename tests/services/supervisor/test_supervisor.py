@@ -9,7 +9,7 @@ import subprocess
 import time
 
 from services.supervisor.children import plan
-from tests.helpers import cofeat, interaction, settings_env, stored, wait_until
+from tests.helpers import cofeat, interaction, settings_env, start, stored, wait_until
 
 
 def _state(settings) -> dict:
@@ -37,8 +37,7 @@ def test_restarts_a_killed_service_and_stops_cleanly(settings, producer, db_url,
     producer.interactions_(interaction(n) for n in range(500))
     producer.flush()
     env = settings_env(settings, COFEAT_RUN_SERVICES="ingest")
-    proc = subprocess.Popen(cofeat("run"), env=env, stdout=(tmp_path / "run.log").open("wb"),
-                            stderr=subprocess.STDOUT)
+    proc = start(cofeat("run"), env, tmp_path / "run.log")
     try:
         wait_until(lambda: _child(settings).get("running"), 30, "the ingest child")
         first_pid = _child(settings)["pid"]
@@ -58,7 +57,7 @@ def test_restarts_a_killed_service_and_stops_cleanly(settings, producer, db_url,
         assert status.returncode == 0, status.stderr
         report = json.loads(status.stdout)
         assert report["supervisor"]["children"][0]["restarts"] == 1
-        lags = [row["lag"] for row in report["lag"] if row["group"] == "cofeat-ingest"]
+        lags = [row["lag"] for row in report["lag"] if row["group"] == settings.ingest_group]
         assert lags and all(lag == 0 for lag in lags), report["lag"]
     finally:
         proc.send_signal(signal.SIGTERM)
