@@ -9,6 +9,8 @@ each other, so the parent's head still points into the same space.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import shutil
 import sys
@@ -135,7 +137,7 @@ def _train_and_store(conn, settings: Settings, version_id: int, parent: dict | N
     train_split, val_split = make_splits(projects.ids, projects.paths, targets.values,
                                          targets.usable, settings.cnn_val_fraction,
                                          settings.cnn_holdout_salt)
-    run_dir = _run_dir(settings, factors_row["id"], parent, mode)
+    run_dir = _run_dir(settings, factors_row["id"], parent, mode, projects.ids)
     if mode == "fine-tune":
         parent_factors = _factors_of(settings, conn, parent["factor_version_id"])
         changed = changed_projects(projects, parent_factors)
@@ -228,10 +230,23 @@ def _pretrained(settings: Settings, config: ModelConfig, run_dir: Path) -> Path 
     return save_model(run_dir / "pretrained.pt", model, config)
 
 
-def _run_dir(settings: Settings, factor_id: int, parent: dict | None, mode: str) -> Path:
-    # Stable for the same inputs, so an interrupted run resumes from its checkpoints.
+def _run_dir(settings: Settings, factor_id: int, parent: dict | None, mode: str,
+             ids: np.ndarray) -> Path:
+    """Named after everything the run depends on, so an interrupted run resumes from its
+    checkpoints and a run on other inputs starts clean. Runs held under the lock are the
+    only ones, so any other directory is an interrupted run that can no longer resume."""
     parent_id = parent["id"] if parent and mode == "fine-tune" else 0
-    return settings.data_dir / "checkpoints" / "cnn" / f"f{factor_id}-p{parent_id}-{mode}"
+    cnn_settings = settings.model_dump(mode="json", include={
+        name for name in Settings.model_fields if name.startswith("cnn_")})
+    digest = hashlib.sha256(np.ascontiguousarray(ids, dtype=np.int64).tobytes()
+                            + json.dumps(cnn_settings, sort_keys=True).encode()).hexdigest()
+    root = settings.data_dir / "checkpoints" / "cnn"
+    name = f"f{factor_id}-p{parent_id}-{mode}-{digest[:12]}"
+    for stale in root.glob("*") if root.exists() else []:
+        if stale.name != name:
+            log.info("removing %s: an interrupted run on other inputs", stale)
+            shutil.rmtree(stale, ignore_errors=True)
+    return root / name
 
 
 def _params(settings: Settings, config: ModelConfig, mode: str, targets) -> dict:

@@ -124,3 +124,15 @@ def test_a_second_concurrent_run_does_not_train(world_settings, db_url):
     with psycopg.connect(db_url) as conn, versions.refresh_lock(conn) as got:
         assert got
         assert run_cnn_once(settings).status == "skipped"
+
+
+def test_an_interrupted_run_on_other_inputs_does_not_block_the_next(world_settings, db_url,
+                                                                    tiny_world):
+    settings = world_settings()
+    load(db_url, tiny_world / "events", stop=0.7)
+    run_factors_once(settings, full=True)
+    stale = settings.data_dir / "checkpoints" / "cnn" / "f1-p0-full-0123456789ab"
+    (stale / "checkpoints").mkdir(parents=True)
+    (stale / "checkpoints" / "epoch-0001.pt").write_bytes(b"from a run on other data")
+    assert run_cnn_once(settings).status == "promoted"
+    assert not stale.exists()
