@@ -26,6 +26,7 @@ from shared.cnn import cnn_version, current_cnn_version
 from shared.db.connect import connect
 from shared.db.store import load_offsets
 from shared.events import ProjectEvent
+from shared.logs import bind
 from shared.settings import Settings
 
 log = logging.getLogger("cofeat.embed")
@@ -105,6 +106,7 @@ class Embedder:
             live = row = None
         if live is not None:
             self.live, self.live_collection = live, target
+            bind(model_version=live.version)
             metrics.LIVE_MODEL.set(version)
             log.info("serving %s (CNN v%d) through alias %s", target, version, alias)
         elif target:
@@ -167,6 +169,7 @@ class Embedder:
         if self.backfill.build_projects:
             self.live, self.live_collection = self.backfill.encoder, self.backfill.projects
             metrics.LIVE_MODEL.set(self.live.version)
+            bind(model_version=self.live.version)
             self.encoders = {self.live.version: self.live}
         self.backfill = None
 
