@@ -19,6 +19,7 @@ from kafka.consumer.subscription_state import ConsumerRebalanceListener
 from services.embedder import metrics
 from shared import topics
 from shared.events import InvalidEvent, ProjectEvent, parse_project
+from shared.kafka import positions
 from shared.kafka.config import consumer_config
 from shared.settings import Settings
 
@@ -90,31 +91,14 @@ class Stream:
         return polled
 
     def caught_up(self) -> bool:
-        if not self.joined or not self.consumer.assignment():
-            return False
-        for tp in self.consumer.assignment():
-            high = self.consumer.highwater(tp)
-            if high is None or self.consumer.position(tp) < high:
-                return False
-        return True
+        return (self.joined and bool(self.consumer.assignment())
+                and positions.caught_up(self.consumer))
 
     def rewind_truncated(self) -> None:
-        """A log that ends before our position was recreated: read it from the start
-        (replays are harmless) instead of waiting forever for offsets that never come."""
-        for tp in self.consumer.assignment():
-            high = self.consumer.highwater(tp)
-            if high is not None and self.consumer.position(tp) > high:
-                log.warning("%s[%d] ends at %d, before our position %d: reading it from the "
-                            "beginning", tp.topic, tp.partition, high,
-                            self.consumer.position(tp))
-                self.consumer.seek_to_beginning(tp)
+        positions.rewind_truncated(self.consumer)
 
     def report_lag(self) -> None:
-        for tp in self.consumer.assignment():
-            high = self.consumer.highwater(tp)
-            if high is not None:
-                metrics.LAG.labels(tp.topic, str(tp.partition)).set(
-                    max(0, high - self.consumer.position(tp)))
+        positions.report_lag(self.consumer, metrics.LAG)
 
     def close(self) -> None:
         self.consumer.close(autocommit=False)

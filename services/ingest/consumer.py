@@ -23,6 +23,7 @@ from services.ingest.batch import Batch, split_records
 from shared import topics
 from shared.db.connect import connect
 from shared.db.store import load_offsets, write_batch
+from shared.kafka import positions
 from shared.kafka.config import consumer_config, producer_config
 from shared.settings import Settings
 
@@ -134,36 +135,9 @@ class Ingestor:
                 self.consumer.seek(tp, offset)
         log.info("assigned %s", ", ".join(f"{t.topic}[{t.partition}]" for t in assigned))
 
-    def rewind_truncated(self) -> None:
-        """A log that ends before our position was recreated or truncated on the broker.
-
-        Kafka answers such a fetch with OffsetOutOfRange and the client resets to the
-        earliest offset; brokers that just return nothing would stall us forever. Reading
-        from the beginning is safe: stored events are deduplicated by event_id.
-        """
-        for tp in self.consumer.assignment():
-            high = self.consumer.highwater(tp)
-            if high is not None and self.consumer.position(tp) > high:
-                log.warning("%s[%d] ends at %d, before our position %d: the topic was "
-                            "recreated or truncated; reading it from the beginning",
-                            tp.topic, tp.partition, high, self.consumer.position(tp))
-                self.consumer.seek_to_beginning(tp)
-
     def caught_up(self) -> bool:
-        if not self.joined:
-            return False
-        for tp in self.consumer.assignment():
-            high = self.consumer.highwater(tp)
-            if high is None or self.consumer.position(tp) < high:
-                return False
-        return True
-
-    def _report_lag(self) -> None:
-        for tp in self.consumer.assignment():
-            high = self.consumer.highwater(tp)
-            if high is not None:
-                metrics.LAG.labels(tp.topic, str(tp.partition)).set(
-                    max(0, high - self.consumer.position(tp)))
+        # Joined with no partitions (more members than partitions) counts as caught up.
+        return self.joined and positions.caught_up(self.consumer)
 
     # -- the loop ------------------------------------------------------------------------
 
@@ -225,8 +199,8 @@ class Ingestor:
                 if len(batch) and not self.store(batch):
                     break
                 meter.tick(len(batch), self)
-                self.rewind_truncated()
-                self._report_lag()
+                positions.rewind_truncated(self.consumer)
+                positions.report_lag(self.consumer, metrics.LAG)
                 if self.drain and self.caught_up():
                     log.info("caught up on every assigned partition; draining done")
                     break
