@@ -14,7 +14,6 @@ import json
 import logging
 import shutil
 import sys
-import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -22,12 +21,10 @@ import numpy as np
 import psycopg
 import torch
 
-from services.refresh import metrics as refresh_metrics
 from services.refresh.cnn import versions
 from services.refresh.cnn.dataset import changed_projects, live_images, training_projects
+from services.refresh.runs import run_locked
 from shared.cnn import current_cnn_version, model_path
-from shared.db.connect import connect
-from shared.db.engine import make_engine, require_current_schema
 from shared.factors import current_factor_version, factor_version, load_factors
 from shared.settings import Settings
 from shared.training.data import Augment
@@ -64,22 +61,10 @@ def run_cnn_once(settings: Settings, *, full: bool = False,
                  show_progress: bool | None = None) -> RunResult:
     """Train or refresh the CNN once; skips when another run holds the lock or the live
     model already learned from the current factor version."""
-    engine = make_engine(settings)
-    try:
-        require_current_schema(engine)
-    finally:
-        engine.dispose()
     progress = sys.stderr.isatty() if show_progress is None else show_progress
-    started = time.monotonic()
-    with connect(settings) as conn, versions.refresh_lock(conn) as got:
-        if not got:
-            log.info("another CNN refresh holds the lock; skipping this run")
-            return RunResult("skipped", "another refresh holds the lock")
-        versions.remove_orphans(conn, settings.data_dir)
-        result = _run_locked(conn, settings, full, progress)
-    refresh_metrics.record_run("cnn", time.monotonic() - started, result.status,
-                               result.version_id)
-    return result
+    return run_locked(settings, "cnn", versions.LOCK_KEY,
+                      lambda conn: _run_locked(conn, settings, full, progress),
+                      RunResult("skipped", "another refresh holds the lock"))
 
 
 def _run_locked(conn: psycopg.Connection, settings: Settings, full: bool,

@@ -13,7 +13,6 @@ from psycopg.types.json import Jsonb
 
 from services.refresh.factors.versions import clean, reserve_id
 from services.refresh.versions import advisory_lock
-from services.refresh.versions import remove_orphans as shared_remove_orphans
 from shared.artifacts import atomic_dir, version_dir, write_json
 from shared.cnn import MODEL_FILE
 
@@ -21,7 +20,7 @@ log = logging.getLogger(__name__)
 KIND = "cnn"
 LOCK_KEY = 0x636F66656174_02  # "cofeat" + 2: one CNN refresh at a time
 
-__all__ = ["reserve_id", "refresh_lock", "write_artifact", "insert_version", "remove_orphans"]
+__all__ = ["reserve_id", "refresh_lock", "write_artifact", "insert_version"]
 
 
 def refresh_lock(conn: psycopg.Connection):
@@ -48,6 +47,3 @@ def insert_version(conn: psycopg.Connection, version_id: int, *, parent_id: int 
             (version_id, KIND, parent_id, factor_version_id, Jsonb(clean(params)),
              Jsonb(clean(stats)), Jsonb(clean(metrics)), artifact, status))
 
-
-def remove_orphans(conn: psycopg.Connection, data_dir: Path) -> list[Path]:
-    return shared_remove_orphans(conn, data_dir, KIND)

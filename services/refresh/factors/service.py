@@ -18,13 +18,11 @@ import numpy as np
 import psycopg
 from tqdm.auto import tqdm
 
-from services.refresh import metrics as refresh_metrics
 from services.refresh.factors import align, als, telemetry, versions
 from services.refresh.factors.matrix import MatrixParams, Training, build_training, changes
 from services.refresh.factors.quality import compare_with_parent, evaluate
 from services.refresh.factors.read import Interactions, any_new_since, read_interactions
-from shared.db.connect import connect
-from shared.db.engine import make_engine, require_current_schema
+from services.refresh.runs import run_locked
 from shared.factors import Factors, current_factor_version, load_factors
 from shared.settings import Settings
 
@@ -63,22 +61,10 @@ def _defining(params: dict) -> dict:
 def run_factors_once(settings: Settings, *, full: bool = False,
                      show_progress: bool | None = None) -> RunResult:
     """Refresh the factors once; skips when another run holds the lock or nothing is new."""
-    engine = make_engine(settings)
-    try:
-        require_current_schema(engine)
-    finally:
-        engine.dispose()
     progress = sys.stderr.isatty() if show_progress is None else show_progress
-    started = time.monotonic()
-    with connect(settings) as conn, versions.refresh_lock(conn) as got:
-        if not got:
-            log.info("another factor refresh holds the lock; skipping this run")
-            return RunResult("skipped", "another refresh holds the lock")
-        versions.remove_orphans(conn, settings.data_dir)
-        result = _run_locked(conn, settings, full, progress)
-    refresh_metrics.record_run("factors", time.monotonic() - started, result.status,
-                               result.version_id)
-    return result
+    return run_locked(settings, "factors", versions.LOCK_KEY,
+                      lambda conn: _run_locked(conn, settings, full, progress),
+                      RunResult("skipped", "another refresh holds the lock"))
 
 
 def _run_locked(conn: psycopg.Connection, settings: Settings, full: bool,

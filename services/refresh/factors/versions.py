@@ -18,7 +18,6 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from services.refresh.versions import advisory_lock
-from services.refresh.versions import remove_orphans as shared_remove_orphans
 from shared.artifacts import atomic_dir, version_dir
 from shared.factors import Factors, write_factors
 
@@ -78,9 +77,6 @@ def record_failure(conn: psycopg.Connection, version_id: int, parent_id: int | N
     except psycopg.Error:
         log.exception("could not record the failed version %d", version_id)
 
-
-def remove_orphans(conn: psycopg.Connection, data_dir: Path) -> list[Path]:
-    return shared_remove_orphans(conn, data_dir, KIND)
 
 
 def remove_dir(data_dir: Path, version_id: int) -> None:
