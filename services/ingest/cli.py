@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import typer
-
-from shared.settings import SettingsError, exit_on_settings_error, load_settings
 
 
 def main(
@@ -17,23 +14,10 @@ def main(
 ) -> None:
     """Consume interaction and project events into the interaction store."""
     from services.ingest.consumer import Ingestor, install_signal_handlers
-    from shared.db.engine import SchemaBehind, make_engine, require_current_schema
-    from shared.logs import bind, setup_logging
-    from shared.metrics import serve_metrics
+    from shared.startup import start_service
 
-    try:
-        settings = load_settings(**({"ingest_group": group} if group else {}))
-        log = setup_logging(settings, "ingest")
-        engine = make_engine(settings)
-        require_current_schema(engine)
-        engine.dispose()
-    except SettingsError as error:
-        exit_on_settings_error(error)
-    except SchemaBehind as error:
-        print(f"cofeat: {error}", file=sys.stderr)
-        raise SystemExit(3) from None
-    bind(consumer_group=settings.ingest_group)
-    serve_metrics(settings.metrics_port)
+    settings, log = start_service("ingest", consumer_group_setting="ingest_group",
+                                  **({"ingest_group": group} if group else {}))
     ingestor = Ingestor(settings, drain=drain)
     install_signal_handlers(ingestor)
     code = ingestor.run()
