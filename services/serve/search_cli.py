@@ -34,6 +34,23 @@ def _print(query: dict, hits) -> None:
                           indent=2))
 
 
+def _ask(settings: Settings, question):
+    """`question(client)` against Milvus; unknown ids and Milvus errors exit 1 with a line."""
+    from pymilvus.exceptions import MilvusException
+
+    from shared.client import CofeatClient, NotFound
+
+    client = CofeatClient.from_settings(settings)
+    try:
+        return question(client)
+    except NotFound as error:
+        _fail(str(error))
+    except MilvusException as error:
+        _fail(f"Milvus query failed: {error.message}")
+    finally:
+        client.close()
+
+
 @app.command()
 def similar(
     project_id: int = typer.Option(None, "--project-id", min=0, help="a project's id"),
@@ -50,25 +67,15 @@ def similar(
     if image is not None and exclude_owner:
         _fail("--exclude-owner needs --project-id", code=2)
     settings = _settings()
-    from pymilvus.exceptions import MilvusException
 
-    from shared.client import CofeatClient, NotFound
-
-    client = CofeatClient.from_settings(settings)
-    try:
+    def ask(client):
         if project_id is not None:
-            hits = client.similar_to_project(project_id, k, exclude_owner)
-            query = {"project_id": project_id, "k": k, "exclude_owner": exclude_owner}
-        else:
-            version, hits = _similar_to_image(settings, client, image, k)
-            query = {"image": str(image), "cnn_version": version, "k": k}
-    except NotFound as error:
-        _fail(str(error))
-    except MilvusException as error:
-        _fail(f"Milvus query failed: {error.message}")
-    finally:
-        client.close()
-    _print(query, hits)
+            return ({"project_id": project_id, "k": k, "exclude_owner": exclude_owner},
+                    client.similar_to_project(project_id, k, exclude_owner))
+        version, hits = _similar_to_image(settings, client, image, k)
+        return {"image": str(image), "cnn_version": version, "k": k}, hits
+
+    _print(*_ask(settings, ask))
 
 
 def _similar_to_image(settings: Settings, client, image: Path, k: int):
@@ -94,18 +101,5 @@ def for_user(
                                   help="only projects published within COFEAT_SERVE_NEW_WINDOW_S"),
 ) -> None:
     """Projects recommended to a user: those nearest to the user's vector."""
-    settings = _settings()
-    from pymilvus.exceptions import MilvusException
-
-    from shared.client import CofeatClient, NotFound
-
-    client = CofeatClient.from_settings(settings)
-    try:
-        hits = client.for_user(user_id, k, new_only)
-    except NotFound as error:
-        _fail(str(error))
-    except MilvusException as error:
-        _fail(f"Milvus query failed: {error.message}")
-    finally:
-        client.close()
-    _print({"user_id": user_id, "k": k, "new_only": new_only}, hits)
+    query = {"user_id": user_id, "k": k, "new_only": new_only}
+    _print(*_ask(_settings(), lambda client: (query, client.for_user(user_id, k, new_only))))
