@@ -26,6 +26,7 @@ import numpy as np
 from benchmarks.machine import describe
 from shared import milvus
 from shared.client import CofeatClient
+from shared.milvus import drop_prefixed
 from shared.settings import Settings, load_settings
 
 DIM = 64
@@ -73,12 +74,7 @@ def _wait_for_index(client, name: str, count: int, timeout_s: float = 1800) -> N
 
 def drop(settings: Settings) -> None:
     client = milvus.connect(settings)
-    for alias in client.list_aliases()["aliases"]:
-        if alias.startswith(settings.milvus_prefix):
-            client.drop_alias(alias)
-    for name in client.list_collections():
-        if name.startswith(settings.milvus_prefix):
-            client.drop_collection(name)
+    drop_prefixed(client, settings.milvus_prefix)
     client.close()
 
 

@@ -42,6 +42,7 @@ from shared.db.connect import conninfo
 from shared.db.engine import make_engine, upgrade
 from shared.events import ProjectEvent, project_key, project_value
 from shared.kafka.admin import ensure_topics
+from shared.milvus import drop_prefixed
 from shared.settings import Settings, load_settings
 
 GOAL_FRESHNESS_P99_S = 5.0
@@ -209,12 +210,7 @@ def fresh_settings(base: Settings, data_dir: Path) -> tuple[Settings, str, str]:
 
 def cleanup(settings: Settings, admin: str, database: str) -> None:
     client = milvus.connect(settings)
-    for name in client.list_aliases()["aliases"]:
-        if name.startswith(settings.milvus_prefix):
-            client.drop_alias(name)
-    for name in client.list_collections():
-        if name.startswith(settings.milvus_prefix):
-            client.drop_collection(name)
+    drop_prefixed(client, settings.milvus_prefix)
     client.close()
     with psycopg.connect(admin, autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')

@@ -60,3 +60,16 @@ def index_params(settings: Settings):
 
 def search_params(settings: Settings) -> dict:
     return {"metric_type": "COSINE", "params": {"ef": settings.milvus_search_ef}}
+
+
+def drop_prefixed(client: MilvusClient, prefix: str) -> None:
+    """Drop every alias and collection whose name starts with `prefix` (a test run's or a
+    benchmark's namespace). Aliases first: dropping a collection would drop them silently."""
+    if not prefix:
+        raise ValueError("refusing to drop every collection: give a non-empty prefix")
+    for name in client.list_aliases()["aliases"]:
+        if name.startswith(prefix):
+            client.drop_alias(name)
+    for name in client.list_collections():
+        if name.startswith(prefix):
+            client.drop_collection(name)

@@ -9,6 +9,7 @@ import uuid
 
 import pytest
 
+from shared.milvus import drop_prefixed
 from tests.helpers import settings_env
 
 
@@ -19,12 +20,7 @@ def milvus_prefix(milvus_uri):
     prefix = f"demo{uuid.uuid4().hex[:8]}_"
     yield prefix
     client = MilvusClient(uri=milvus_uri)
-    for alias in client.list_aliases().get("aliases", []):
-        if alias.startswith(prefix):
-            client.drop_alias(alias)
-    for name in client.list_collections():
-        if name.startswith(prefix):
-            client.drop_collection(name)
+    drop_prefixed(client, prefix)
     client.close()
 
 

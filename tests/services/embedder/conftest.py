@@ -17,6 +17,7 @@ from pymilvus import MilvusClient
 from shared import milvus as contract
 from shared.artifacts import version_dir, write_json
 from shared.factors import Factors, write_factors
+from shared.milvus import drop_prefixed as drop_milvus_prefix
 from shared.settings import Settings
 from shared.vision import ModelConfig, build_model, embed_images, save_model
 from tests.helpers import cofeat, settings_env, start
@@ -41,12 +42,7 @@ def esettings(settings, milvus_uri) -> Settings:
 def drop_prefixed(settings: Settings) -> None:
     client = MilvusClient(uri=settings.milvus_uri, dedicated=True)
     try:
-        for alias in client.list_aliases()["aliases"]:
-            if alias.startswith(settings.milvus_prefix):
-                client.drop_alias(alias)
-        for name in client.list_collections():
-            if name.startswith(settings.milvus_prefix):
-                client.drop_collection(name)
+        drop_milvus_prefix(client, settings.milvus_prefix)
     finally:
         client.close()
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from shared import milvus
+from shared.milvus import drop_prefixed
 from shared.settings import Settings
 
 DIM = 16
@@ -97,10 +98,5 @@ def _load(settings: Settings, kind: str, version: int, schema, rows: list[dict])
 
 def drop_world(settings: Settings) -> None:
     client = milvus.connect(settings)
-    for alias in client.list_aliases()["aliases"]:
-        if alias.startswith(settings.milvus_prefix):
-            client.drop_alias(alias)
-    for name in client.list_collections():
-        if name.startswith(settings.milvus_prefix):
-            client.drop_collection(name)
+    drop_prefixed(client, settings.milvus_prefix)
     client.close()
