@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import time
+from collections.abc import Iterator
 
 from pythonjsonlogger.json import JsonFormatter
 
@@ -46,6 +48,19 @@ class _OncePerInterval(logging.Filter):
 def bind(**fields: object) -> None:
     """Fields (service, consumer group, model version) added to every later record."""
     _context.update(fields)
+
+
+@contextlib.contextmanager
+def bound(**fields: object) -> Iterator[None]:
+    """Fields added to the records logged inside the block only (one refresh run, say)."""
+    before = {key: _context[key] for key in fields if key in _context}
+    _context.update(fields)
+    try:
+        yield
+    finally:
+        for key in fields:
+            _context.pop(key, None)
+        _context.update(before)
 
 
 def setup_logging(settings: Settings, service: str) -> logging.Logger:

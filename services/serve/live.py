@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image
 
 from shared.client import CofeatClient
+from shared.logs import bind
 from shared.settings import Settings, SettingsError
 
 log = logging.getLogger("cofeat.serve")
@@ -62,6 +63,7 @@ class ModelHolder:
 
                 model, _meta = load_cnn(self.settings.data_dir, row, device="cpu")
                 self.live = LiveModel(int(row["id"]), model)
+                bind(model_version=self.live.version)
                 log.info("serving CNN version %d for image search", row["id"])
             return self.live
 

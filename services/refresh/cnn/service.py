@@ -26,6 +26,7 @@ from services.refresh.cnn.dataset import changed_projects, live_images, training
 from services.refresh.runs import run_locked
 from shared.cnn import current_cnn_version, model_path
 from shared.factors import current_factor_version, factor_version, load_factors
+from shared.logs import bound
 from shared.settings import Settings
 from shared.training.data import Augment
 from shared.training.targets import make_targets
@@ -85,8 +86,9 @@ def _run_locked(conn: psycopg.Connection, settings: Settings, full: bool,
     log.info("%s CNN refresh on factor version %d: %s", mode, factors_row["id"], reason)
     version_id = versions.reserve_id(conn)
     try:
-        return _train_and_store(conn, settings, version_id, parent, factors_row, projects,
-                                mode, progress)
+        with bound(model_version=version_id, factor_version=factors_row["id"]):
+            return _train_and_store(conn, settings, version_id, parent, factors_row,
+                                    projects, mode, progress)
     except BaseException:
         shutil.rmtree(settings.data_dir / "models" / "cnn" / f"v{version_id}",
                       ignore_errors=True)

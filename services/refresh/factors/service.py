@@ -24,6 +24,7 @@ from services.refresh.factors.quality import compare_with_parent, evaluate
 from services.refresh.factors.read import Interactions, any_new_since, read_interactions
 from services.refresh.runs import run_locked
 from shared.factors import Factors, current_factor_version, load_factors
+from shared.logs import bound
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -94,8 +95,9 @@ def _run_locked(conn: psycopg.Connection, settings: Settings, full: bool,
     log.info("%s refresh: %s", plan.mode, plan.reason)
     version_id = versions.reserve_id(conn)
     try:
-        return _fit_and_store(conn, settings, params, version_id, parent, parent_factors, data,
-                              current, plan, timings, progress)
+        with bound(factor_version=version_id):
+            return _fit_and_store(conn, settings, params, version_id, parent, parent_factors,
+                                  data, current, plan, timings, progress)
     except BaseException as error:
         versions.remove_dir(settings.data_dir, version_id)
         versions.record_failure(conn, version_id, parent["id"] if parent else None, params,
