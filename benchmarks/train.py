@@ -1,9 +1,21 @@
-"""Training and inference images/s of the image models on this machine.
+"""Training and inference images/s of the image models on this machine, or the time the
+collaborative CNN takes to reach a target style mAP on a simulated world.
 
     .venv/bin/python benchmarks/train.py [--batch 64] [--batches 3] [--sizes 64 128]
+    .venv/bin/python benchmarks/train.py --time-to-target [--target 0.9] [--epochs 20]
+        [--preset small] [--render-size 64] [--data-dir DIR]
 
-Synthetic tensors (no decoding), channels_last, fp32 on CPU / bf16 autocast on CUDA; plus
-the decode+crop+normalize rate of the data pipeline on 512 px JPEGs, per process.
+Default mode: synthetic tensors (no decoding), channels_last, fp32 on CPU / bf16 autocast
+on CUDA; plus the decode+crop+normalize rate of the data pipeline on 512 px JPEGs, per
+process.
+
+--time-to-target: the simulated world (JPEGs of --render-size px; made once under
+--data-dir, reused after) goes into a scratch database on COFEAT_DATABASE_URL's server,
+dropped after: the first 70% of the stream, the real factor refresh, then the rest, as
+`cofeat eval` measures it (docs/evaluation.md). The collaborative CNN (regress, `small`
+backbone, 64 px input) and the category-supervised one train epoch by epoch with eval's
+recipe, --epochs long; after each epoch style_map@10 is scored on the held-out projects.
+Time is training wall time; the scoring between epochs is left out.
 """
 
 from __future__ import annotations
@@ -14,9 +26,12 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # must precede torch's impo
 
 import argparse  # noqa: E402
 import platform  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
+import uuid  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -24,6 +39,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.machine import describe  # noqa: E402
 from shared.training.data import Augment, ImageTargets  # noqa: E402
 from shared.vision import ModelConfig, autocast, build_model, pick_device  # noqa: E402
 
@@ -109,15 +125,158 @@ def bench_decode(size: int, count: int = 64) -> float:
         return count / (time.perf_counter() - started)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--batches", type=int, default=3)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[64, 128])
-    parser.add_argument("--backbones", nargs="+",
-                        default=["small", "resnet18", "resnet18:imagenet"],
-                        help="resnet18 has the small-image stem; resnet18:imagenet the /4 one")
-    args = parser.parse_args()
+# -- time to a target style mAP ------------------------------------------------------
+
+
+def simulated_world(data_dir: Path, preset: str, seed: int, render_size: int) -> Path:
+    """The world's events dir; rendered once, reused when a finished one is there."""
+    events = data_dir / "events"
+    done = data_dir / "complete"
+    if done.exists():
+        print(f"reusing the {preset} world in {data_dir}")
+        return events
+    shutil.rmtree(data_dir, ignore_errors=True)
+    data_dir.mkdir(parents=True)
+    started = time.perf_counter()
+    env = {**os.environ, "COFEAT_DATA_DIR": str(data_dir)}
+    subprocess.run([sys.executable, "-m", "services", "simulate", "--preset", preset,
+                    "--seed", str(seed), "--image-size", str(render_size), "--format", "jpeg",
+                    "--out", str(events)], env=env, check=True,
+                   cwd=Path(__file__).resolve().parents[1])
+    done.write_text(f"{preset} seed {seed} {render_size} px\n")
+    print(f"simulated the {preset} world in {time.perf_counter() - started:.0f} s")
+    return events
+
+
+def scratch_database(admin_url: str) -> tuple[str, str]:
+    """(name, url) of a new, migrated database on the admin URL's server."""
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    from shared.db.engine import make_engine, upgrade
+    from shared.settings import Settings
+
+    name = f"cofeat_bench_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = make_url(admin_url).set(database=name).render_as_string(hide_password=False)
+    settings = Settings(database_url=url)
+    engine = make_engine(settings)
+    upgrade(engine, settings)
+    engine.dispose()
+    return name, url
+
+
+def store_and_factorize(url: str, events: Path, run_dir: Path) -> None:
+    from services.refresh.factors.service import run_factors_once
+    from shared.settings import load_settings
+    from tests.services.evaluate.world import store_in_phases
+
+    settings = load_settings(database_url=url, data_dir=run_dir)
+    started = time.perf_counter()
+
+    def factorize() -> None:
+        result = run_factors_once(settings, full=True, show_progress=False)
+        print(f"factor version {result.version_id} {result.status}: "
+              f"{settings.als_factors} factors, recall@20 {result.metrics.get('recall@20')}")
+
+    store_in_phases(url, events, 0.7, between=factorize)
+    print(f"stored the events and refreshed the factors in "
+          f"{time.perf_counter() - started:.0f} s")
+
+
+def style_curve(source: str, inputs, targets: np.ndarray, out_dim: int, mode: str,
+                pixels: np.ndarray, work_dir: Path) -> list[dict]:
+    """One point per epoch: cumulative training seconds, images seen, style mAP@10."""
+    from services.evaluate import evaluate
+
+    paths = [inputs.catalog.paths[i] for i in inputs.sets.train]
+    style = inputs.catalog.style[inputs.sets.held]
+    points: list[dict] = []
+
+    def score(epoch: int, model, row: dict) -> None:
+        seconds = row["seconds"] + (points[-1]["seconds"] if points else 0.0)
+        points.append({"epoch": epoch + 1, "seconds": seconds,
+                       "images": (epoch + 1) * len(paths),
+                       "style_map": evaluate.style_map(model, pixels, style)})
+        print(f"  {source:22} epoch {epoch + 1:3d}  {seconds:7.1f} s  "
+              f"{points[-1]['images']:9,d} images  style_map@10 "
+              f"{points[-1]['style_map']:.3f}", flush=True)
+
+    evaluate.train_source(source, paths, targets, out_dim, mode, inputs.plan, work_dir,
+                          False, on_epoch=score)
+    return points
+
+
+def first_reaching(points: list[dict], target: float) -> str:
+    hit = next((p for p in points if p["style_map"] >= target), None)
+    if hit is None:
+        best = max(p["style_map"] for p in points)
+        return f"not reached in {len(points)} epochs (best {best:.3f})"
+    return (f"{hit['seconds']:.0f} s, {hit['images']:,} images "
+            f"(epoch {hit['epoch']}, {hit['style_map']:.3f})")
+
+
+def time_to_target(args) -> None:
+    import psycopg
+
+    from shared.db.connect import conninfo
+    from shared.settings import load_settings
+
+    print(describe())
+    print(machine())
+    data_dir = Path(args.data_dir or f"data/bench/train-{args.preset}-s{args.seed}-"
+                    f"{args.render_size}px").resolve()
+    events = simulated_world(data_dir, args.preset, args.seed, args.render_size)
+    admin = conninfo(load_settings().require_database_url())
+    name, url = scratch_database(admin)
+    run_dir = Path(tempfile.mkdtemp(prefix="run-", dir=data_dir))
+    try:
+        shutil.copytree(data_dir / "groundtruth", run_dir / "groundtruth")
+        store_and_factorize(url, events, run_dir)
+        curves = train_curves(url, run_dir, args)
+        print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+        for source, points in curves.items():
+            print(f"time to style_map@10 >= {args.target}: {source}: "
+                  f"{first_reaching(points, args.target)}")
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def train_curves(url: str, run_dir: Path, args) -> dict[str, list[dict]]:
+    """The collaborative and the category-supervised CNN's style curves, eval's split."""
+    import psycopg
+
+    from services.evaluate import evaluate
+    from shared.training.targets import make_targets
+
+    config = evaluate.EvalConfig(epochs=args.epochs, backbone="small", image_size=64,
+                                 seed=args.seed, batch_size=args.batch, workers=args.workers,
+                                 max_projects=args.max_projects, progress=False)
+    with psycopg.connect(url) as conn:
+        inputs = evaluate.prepare(conn, run_dir, config)
+    sets, catalog, plan = inputs.sets, inputs.catalog, inputs.plan
+    pixels = evaluate.read_images(catalog, sets.held, plan.model_config.image_size)
+    factors = inputs.factors.item_factors[inputs.factors.item_rows(catalog.ids[sets.train])]
+    random = evaluate.style_map(evaluate.random_init(plan, factors.shape[1], args.seed),
+                                pixels, catalog.style[sets.held])
+    print(f"{len(sets.train):,} training projects, {len(sets.held):,} held out "
+          f"({len(sets.new):,} new); {args.epochs} epochs, batch {args.batch}, "
+          f"{args.workers} loader workers; random weights: style_map@10 {random:.3f}; "
+          f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
+    regress = make_targets(factors, "regress")
+    categories = catalog.category[sets.train]
+    return {
+        evaluate.REGRESS: style_curve(evaluate.REGRESS, inputs, regress.values,
+                                      regress.out_dim, "regress", pixels, run_dir),
+        evaluate.CATEGORY: style_curve(evaluate.CATEGORY, inputs, categories,
+                                       int(catalog.category.max()) + 1, "pseudo-class",
+                                       pixels, run_dir)}
+
+
+def throughput(args) -> None:
     device = pick_device()
     print(machine())
     print(f"batch {args.batch}, {args.batches} timed batches after 1 warm-up, channels_last; "
@@ -132,6 +291,36 @@ def main() -> None:
     for size in args.sizes:
         print(f"decode+crop 512px JPEG -> {size}px: {bench_decode(size):.0f} img/s "
               "per worker process")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--batches", type=int, default=3)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[64, 128])
+    parser.add_argument("--backbones", nargs="+",
+                        default=["small", "resnet18", "resnet18:imagenet"],
+                        help="resnet18 has the small-image stem; resnet18:imagenet the /4 one")
+    parser.add_argument("--time-to-target", action="store_true",
+                        help="train on a simulated world to a target style mAP instead")
+    parser.add_argument("--target", type=float, default=0.9, help="style_map@10 to reach")
+    # Eval trains 10; from 64 px JPEGs that schedule's learning rate decays at 0.89.
+    parser.add_argument("--epochs", type=int, default=20, help="the schedule's length")
+    parser.add_argument("--preset", default="small")
+    parser.add_argument("--seed", type=int, default=0, help="world and CNN seed")
+    parser.add_argument("--render-size", type=int, default=64,
+                        help="px of the simulated JPEGs; the CNN reads 64 px either way")
+    parser.add_argument("--data-dir",
+                        help="default data/bench/train-<preset>-s<seed>-<render size>px; "
+                        "its events name images by absolute path, so do not move it")
+    parser.add_argument("--workers", type=int, default=2, help="loader processes")
+    parser.add_argument("--max-projects", type=int, default=None,
+                        help="score at most this many held-out projects of each kind")
+    args = parser.parse_args()
+    if args.time_to_target:
+        time_to_target(args)
+    else:
+        throughput(args)
 
 
 if __name__ == "__main__":

@@ -81,7 +81,10 @@ def write_report(demo) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     figures = pipeline_figures(settings)
     eval_md = (out / "eval.md").read_text() if (out / "eval.md").exists() else "(no eval)"
-    live = demo.state().get("live", {})
+    state = demo.state()
+    live = state.get("live", {})
+    durations = {step: state[step].get("seconds") for step in ("live", "caught_up", "eval")
+                 if step in state}
     curves = "".join(f'<figure><img src="{n}"><figcaption>{n}</figcaption></figure>'
                      for n in _loss_curves(demo.data_dir, out))
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>cofeat demo</title>
@@ -99,7 +102,9 @@ img{{max-width:100%}}figure{{display:inline-block;width:45%}}</style></head><bod
 <li>dead letters: {html.escape(str(figures['dead_letters']))}</li>
 <li>embed failures parked: {figures['embed_failures_parked']}</li>
 <li>freshness (event → searchable, from the embedder's histogram):
-{html.escape(str(live.get('freshness')))}</li></ul>
+{html.escape(str(live.get('freshness')))}</li>
+<li>step durations in seconds (the run that did each step): {html.escape(str(durations))}
+</li></ul>
 <h3>Model versions</h3>{_versions_html(figures['versions'])}
 <h2>Loss curves</h2>{curves or '<p>none</p>'}
 </body></html>"""

@@ -35,13 +35,11 @@ def run(demo: Demo) -> None:
     say(f"== cofeat demo ({demo.scale}) in {demo.data_dir}")
     demo.cofeat("dev", "up")
     demo.cofeat("migrate")
-    if "live" not in demo.state():
-        live_loop(demo)
-    if "caught_up" not in demo.state():
-        catch_up(demo)
-    if "eval" not in demo.state():
-        demo.cofeat("eval", "--out", str(demo.data_dir / "report"), log_name="eval")
-        demo.mark("eval")
+    for step, body in (("live", live_loop), ("caught_up", catch_up), ("eval", evaluate)):
+        if step not in demo.state():
+            step_started = time.monotonic()
+            facts = body(demo)
+            demo.mark(step, seconds=round(time.monotonic() - step_started, 1), **facts)
     from services.demo.report import write_report
 
     path = write_report(demo)
@@ -52,7 +50,7 @@ def run(demo: Demo) -> None:
         "cofeat search similar --project-id 1")
 
 
-def live_loop(demo: Demo) -> None:
+def live_loop(demo: Demo) -> dict:
     say("== live loop: simulator → Kafka → ingest → refresh (factors, CNN) → embed")
     metrics_port = free_port()
     demo.env.update({"COFEAT_RUN_SERVICES": "ingest,refresh,embed",
@@ -67,7 +65,7 @@ def live_loop(demo: Demo) -> None:
     finally:
         code = stop(supervisor)
         demo.env["COFEAT_METRICS_PORT"] = "0"
-    demo.mark("live", supervisor_exit=code, freshness=freshness)
+    return {"supervisor_exit": code, "freshness": freshness}
 
 
 def wait_for_ingest(demo: Demo, timeout_s: float = 600) -> None:
@@ -83,7 +81,7 @@ def wait_for_ingest(demo: Demo, timeout_s: float = 600) -> None:
     say("   ingest still lagging; the catch-up step drains it")
 
 
-def catch_up(demo: Demo) -> None:
+def catch_up(demo: Demo) -> dict:
     """Drain what is left. The factors are not refitted here when the live loop made a
     version: the events after it are the "future" the evaluation scores predictions on."""
     say("== catch up: drain ingest, make sure the CNN learned the latest factors, "
@@ -93,7 +91,12 @@ def catch_up(demo: Demo) -> None:
         demo.cofeat("refresh", "factors", "--once", log_name="refresh-final")
     demo.cofeat("refresh", "cnn", "--once", log_name="refresh-final")
     demo.cofeat("embed", "--drain", log_name="embed-drain")
-    demo.mark("caught_up")
+    return {}
+
+
+def evaluate(demo: Demo) -> dict:
+    demo.cofeat("eval", "--out", str(demo.data_dir / "report"), log_name="eval")
+    return {}
 
 
 def has_factor_version(demo: Demo) -> bool:

@@ -23,7 +23,7 @@ from shared.events import local_image
 from shared.factors import Factors, current_factor_version, factor_version, load_factors
 from shared.training.data import DECODE_ERRORS, Augment, holdout_mask
 from shared.training.targets import make_targets, normalize_rows
-from shared.training.train import Split, TrainConfig, train
+from shared.training.train import EpochHook, Split, TrainConfig, train
 from shared.vision import MEAN, STD, CofeatNet, ModelConfig, build_model, load_model, read_pixels
 
 log = logging.getLogger(__name__)
@@ -112,6 +112,19 @@ class Recall:
 
 
 @dataclass
+class Inputs:
+    """What every comparison starts from: versions, catalog, recipe and held-out split."""
+
+    truth: groundtruth.GroundTruth
+    factor_row: dict
+    factors: Factors
+    cnn_row: dict | None
+    catalog: Catalog
+    plan: Plan
+    sets: Sets
+
+
+@dataclass
 class Outcome:
     world: dict
     results: list[dict]
@@ -119,6 +132,21 @@ class Outcome:
 
 
 # -- inputs ---------------------------------------------------------------------------
+
+
+def prepare(conn, data_dir: Path, config: EvalConfig) -> Inputs:
+    """Versions, catalog, recipe and split; EvalError when there is nothing to compare."""
+    truth = groundtruth.read(data_dir)
+    factor_row, factors, cnn_row = load_versions(conn, data_dir)
+    catalog = load_catalog(conn, truth)
+    plan = make_plan(data_dir, cnn_row, config)
+    sets = split_sets(catalog, factors, plan, config.max_projects, config.seed)
+    log.info("projects: %d train, %d held out with factors, %d new", len(sets.train),
+             len(sets.held_factor), len(sets.new))
+    if len(sets.held) < 2 or not len(sets.train):
+        raise EvalError(f"too few projects: {len(sets.train)} to train, {len(sets.held)} "
+                        "held out")
+    return Inputs(truth, factor_row, factors, cnn_row, catalog, plan, sets)
 
 
 def load_versions(conn, data_dir: Path) -> tuple[dict, Factors, dict | None]:
@@ -222,30 +250,38 @@ def build_models(catalog: Catalog, factors: Factors, sets: Sets, plan: Plan,
             models[source] = plan.live["model"]
             continue
         targets = make_targets(item_factors, mode, k=plan.pseudo_classes, seed=seed)
-        models[source] = _train(source, paths, targets.values, targets.out_dim, mode, plan,
-                                work_dir, progress)
+        models[source] = train_source(source, paths, targets.values, targets.out_dim, mode,
+                                      plan, work_dir, progress)
         if mode == "pseudo-class":
             centroids = targets.centroids
     if live_mode == "pseudo-class":
         centroids = plan.live["centroids"]
     categories = catalog.category[sets.train]
-    models[CATEGORY] = _train(CATEGORY, paths, categories, int(catalog.category.max()) + 1,
-                              "pseudo-class", plan, work_dir, progress)
-    torch.manual_seed(seed)
-    models[RANDOM] = build_model(replace(plan.model_config, out_dim=factors.item_factors.shape[1]))
+    models[CATEGORY] = train_source(CATEGORY, paths, categories,
+                                    int(catalog.category.max()) + 1, "pseudo-class", plan,
+                                    work_dir, progress)
+    models[RANDOM] = random_init(plan, factors.item_factors.shape[1], seed)
     return models, centroids
 
 
-def _train(source: str, paths: list[str], targets: np.ndarray, out_dim: int, mode: str,
-           plan: Plan, work_dir: Path, progress: bool) -> CofeatNet:
+def train_source(source: str, paths: list[str], targets: np.ndarray, out_dim: int, mode: str,
+                 plan: Plan, work_dir: Path, progress: bool,
+                 on_epoch: EpochHook | None = None) -> CofeatNet:
     log.info("training %s on %d projects, %d epochs", source, len(paths),
              plan.train_config.epochs)
     model_config = replace(plan.model_config, out_dim=out_dim)
     config = replace(plan.train_config, mode=mode)
     # Its own folder per source: train() resumes from checkpoints there after a crash.
     result = train(model_config, Split(paths, targets), None, config, work_dir / source,
-                   progress=progress, device=torch.device("cpu"))
+                   on_epoch=on_epoch, progress=progress, device=torch.device("cpu"))
     return result.model.eval()
+
+
+def random_init(plan: Plan, out_dim: int, seed: int) -> CofeatNet:
+    """The shared architecture with seeded random weights, BatchNorm at its initial
+    statistics: the baseline any training has to beat."""
+    torch.manual_seed(seed)
+    return build_model(replace(plan.model_config, out_dim=out_dim)).eval()
 
 
 # -- features -------------------------------------------------------------------------
@@ -306,6 +342,11 @@ def image_tasks(features: np.ndarray, style: np.ndarray, category: np.ndarray,
     return {STYLE_MAP: map_at_k(x, style, MAP_K),
             STYLE_PROBE: linear_probe(x, style, seed=seed),
             CONTENT_PROBE: linear_probe(x, category, seed=seed)}
+
+
+def style_map(model: CofeatNet, pixels: np.ndarray, style: np.ndarray) -> float:
+    """style_map@10 of a CNN's penultimate features, as in the table."""
+    return map_at_k(l2(cnn_outputs(model, pixels)[0]), style, MAP_K)
 
 
 def recall_protocol(conn, catalog: Catalog, factors: Factors, factor_row: dict,
@@ -395,21 +436,13 @@ def user_recall(source: str, recall: Recall, factors: Factors, item_vectors: np.
 
 
 def run(conn, data_dir: Path, config: EvalConfig, work_dir: Path) -> Outcome:
-    truth = groundtruth.read(data_dir)
-    factor_row, factors, cnn_row = load_versions(conn, data_dir)
-    catalog = load_catalog(conn, truth)
-    plan = make_plan(data_dir, cnn_row, config)
-    sets = split_sets(catalog, factors, plan, config.max_projects, config.seed)
-    log.info("projects: %d train, %d held out with factors, %d new", len(sets.train),
-             len(sets.held_factor), len(sets.new))
-    if len(sets.held) < 2 or not len(sets.train):
-        raise EvalError(f"too few projects: {len(sets.train)} to train, {len(sets.held)} "
-                        "held out")
+    inputs = prepare(conn, data_dir, config)
+    catalog, factors, plan, sets = inputs.catalog, inputs.factors, inputs.plan, inputs.sets
     models, centroids = build_models(catalog, factors, sets, plan, work_dir, config.seed,
                                      config.progress)
     if centroids is None:  # a live pseudo-class version that did not record its centroids
         centroids = _refit_centroids(catalog, factors, sets, models[PSEUDO], config.seed)
-    recall = recall_protocol(conn, catalog, factors, factor_row, sets.new)
+    recall = recall_protocol(conn, catalog, factors, inputs.factor_row, sets.new)
     history = np.concatenate([np.empty(0, np.int64), *(recall.history if recall else [])])
     pool = np.union1d(sets.held, history)
     pixels = read_images(catalog, pool, plan.model_config.image_size)
@@ -422,7 +455,7 @@ def run(conn, data_dir: Path, config: EvalConfig, work_dir: Path) -> Outcome:
     results = _image_results(catalog, factors, sets, features, at, config.seed)
     if recall is not None:
         results += _recall_results(recall, catalog, factors, features, heads, centroids, at)
-    world = _world(truth, factor_row, cnn_row, plan, sets, recall)
+    world = _world(inputs.truth, inputs.factor_row, inputs.cnn_row, plan, sets, recall)
     return Outcome(world, results, neighbours(catalog, factors, sets, features, at,
                                               config.seed))
 

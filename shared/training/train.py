@@ -104,16 +104,20 @@ class TrainResult:
 
 
 StepHook = Callable[[int, int, CofeatNet], None]
+EpochHook = Callable[[int, CofeatNet, dict], None]
 
 
 def train(model_config: ModelConfig, train_split: Split, val_split: Split | None,
           config: TrainConfig, out_dir: str | Path, *, init_from: str | Path | None = None,
           extra: dict | None = None, on_step: StepHook | None = None,
-          progress: bool = False, device: torch.device | None = None) -> TrainResult:
+          on_epoch: EpochHook | None = None, progress: bool = False,
+          device: torch.device | None = None) -> TrainResult:
     """Train (or resume) into out_dir: checkpoints/, model.pt, curves.png.
 
     `init_from` starts from another model's weights (fine-tuning). `on_step(epoch, step,
     model)` runs before every optimizer step; raising from it interrupts the run.
+    `on_epoch(epoch, model, row)` runs after each epoch's checkpoint (not for epochs a
+    resumed run skips); the next epoch puts the model back in training mode.
     """
     _check(model_config, train_split, config)
     out_dir = Path(out_dir)
@@ -165,6 +169,8 @@ def train(model_config: ModelConfig, train_split: Split, val_split: Split | None
         _save_checkpoint(ckpt_dir, epoch, fingerprint, model, optimizer, scheduler, scaler,
                          state, config.keep_checkpoints)
         log.info("epoch %s", json.dumps(row))
+        if on_epoch is not None:
+            on_epoch(epoch, model, row)
     bar.close()
     return _finish(model, model_config, config, state, out_dir, extra)
 

@@ -46,6 +46,8 @@ def test_tiny_demo_writes_the_table_and_report(settings, milvus_uri, milvus_pref
     assert list(report.glob("loss-v*.png"))
     state = json.loads((settings.data_dir / "demo" / "state.json").read_text())
     assert {"live", "caught_up", "eval"} <= set(state)
+    assert all(state[step]["seconds"] > 0 for step in ("live", "caught_up", "eval"))
+    assert "step durations" in page
 
     # Run again: every step is recorded, so it only rebuilds the report.
     again = subprocess.run([sys.executable, "-m", "services", "demo", "--scale", "tiny"],

@@ -91,7 +91,14 @@ def test_resumed_run_equals_uninterrupted_run(world, tmp_path):
     train_split, val_split = split(world, np.arange(64), targets), split(
         world, np.arange(64, 80), targets)
     config = TrainConfig(epochs=3, batch_size=16, lr=3e-3, warmup_steps=2, num_workers=0)
-    whole = train(MODEL, train_split, val_split, config, tmp_path / "whole")
+    scored = {"whole": [], "resumed": []}
+
+    def score(run):
+        # As a per-epoch evaluation does: switching to eval mode must not leak into training.
+        return lambda epoch, model, row: (scored[run].append(epoch), model.eval())
+
+    whole = train(MODEL, train_split, val_split, config, tmp_path / "whole",
+                  on_epoch=score("whole"))
     # Interrupted in the middle of the second epoch, then started again; with a worker
     # process this time, which must not change anything.
     with_worker = replace(config, num_workers=1)
@@ -100,7 +107,9 @@ def test_resumed_run_equals_uninterrupted_run(world, tmp_path):
               on_step=_stop_at(1, 2))
     assert sorted(p.name for p in (tmp_path / "split" / "checkpoints").iterdir()) == \
         ["epoch-0001.pt"]
-    resumed = train(MODEL, train_split, val_split, with_worker, tmp_path / "split")
+    resumed = train(MODEL, train_split, val_split, with_worker, tmp_path / "split",
+                    on_epoch=score("resumed"))
+    assert scored == {"whole": [0, 1, 2], "resumed": [1, 2]}
     for (name, a), (_, b) in zip(whole.model.state_dict().items(),
                                  resumed.model.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
