@@ -10,28 +10,47 @@ Every query goes through the aliases `<prefix>cofeat_projects` and `<prefix>cofe
 
 Results are `Hit`s (use `hit.as_dict()` for JSON). An id that is not in the collection
 raises `NotFound`; Milvus being down or an alias missing raises pymilvus' MilvusException.
+
+`similar_to_project` keeps the vectors it fetched for `cache_ttl_s` (at most `cache_size`
+of them): a project asked for again costs one search instead of a fetch and a search. A
+cached vector may be that much staler than Milvus (an updated image, a deleted project);
+all are dropped once a search shows the alias has moved to another model version.
+`cache_size=0` turns this off.
 """
 
 from __future__ import annotations
 
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 from pymilvus import MilvusClient
+from pymilvus.exceptions import MilvusException
 
 # Same names as shared/milvus.py (tests/shared/test_client.py checks they agree).
 PROJECTS = "cofeat_projects"
 USERS = "cofeat_users"
 VECTOR_FIELD = "embedding"
 PROJECT_FIELDS = ["owner_id", "published_at", "model_version"]
+# What similar_to_project needs of the project it starts from.
+SOURCE_FIELDS = [VECTOR_FIELD, "owner_id", "model_version"]
 METRIC = "COSINE"
 DAY_S = 86_400
 
 
 class NotFound(LookupError):
     """The project or user id has no vector in the current model version."""
+
+
+class ModelChanged(MilvusException):
+    """The alias moved to another model version between the calls of one query, again and
+    again; like an outage, a retry later will do."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message=message)
 
 
 @dataclass(frozen=True)
@@ -43,13 +62,47 @@ class Hit:
     model_version: int
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        # Not dataclasses.asdict: it deep-copies every field, ~10x slower per hit.
+        return {"project_id": self.project_id, "score": self.score, "owner_id": self.owner_id,
+                "published_at": self.published_at, "model_version": self.model_version}
+
+
+class _Recent:
+    """The latest `size` rows by key, each for `ttl_s` after it was stored; thread-safe
+    (the HTTP API answers from a thread pool)."""
+
+    def __init__(self, size: int, ttl_s: float) -> None:
+        self.size, self.ttl_s = size, ttl_s
+        self.rows: OrderedDict[int, tuple[float, dict]] = OrderedDict()
+        self.lock = threading.Lock()
+
+    def get(self, key: int) -> dict | None:
+        with self.lock:
+            stored, row = self.rows.get(key, (0.0, None))
+            if row is None or time.monotonic() - stored > self.ttl_s:
+                return None
+            self.rows.move_to_end(key)
+            return row
+
+    def put(self, key: int, row: dict) -> None:
+        if self.size <= 0 or self.ttl_s <= 0:
+            return
+        with self.lock:
+            self.rows[key] = (time.monotonic(), row)
+            self.rows.move_to_end(key)
+            while len(self.rows) > self.size:
+                self.rows.popitem(last=False)
+
+    def clear(self) -> None:
+        with self.lock:
+            self.rows.clear()
 
 
 class CofeatClient:
     def __init__(self, uri: str, token: str | None = None, prefix: str = "", *,
                  ef: int = 64, timeout_s: float = 10.0, new_window_s: float = 7 * DAY_S,
-                 consistency: str = "Bounded", milvus: MilvusClient | None = None) -> None:
+                 consistency: str = "Bounded", cache_size: int = 10_000,
+                 cache_ttl_s: float = 5.0, milvus: MilvusClient | None = None) -> None:
         # Bounded: a query may miss writes of the last few seconds but never waits for
         # them (Strong adds ~200 ms per query); the aliases switch whole versions anyway.
         # dedicated: a channel of its own, not one shared per address that another client
@@ -62,13 +115,16 @@ class CofeatClient:
         self.timeout_s = timeout_s
         self.new_window_s = new_window_s
         self.consistency = consistency
+        self.recent = _Recent(cache_size, cache_ttl_s)
 
     @classmethod
     def from_settings(cls, settings, **kwargs) -> CofeatClient:
         """From a cofeat `Settings` (duck-typed, so this file needs no cofeat import)."""
         token = settings.milvus_token.get_secret_value() if settings.milvus_token else None
         options = {"ef": settings.milvus_search_ef, "timeout_s": settings.milvus_timeout_s,
-                   "new_window_s": getattr(settings, "serve_new_window_s", 7 * DAY_S)}
+                   "new_window_s": getattr(settings, "serve_new_window_s", 7 * DAY_S),
+                   "cache_size": getattr(settings, "serve_cache_size", 10_000),
+                   "cache_ttl_s": getattr(settings, "serve_cache_ttl_s", 5.0)}
         return cls(settings.require_milvus_uri(), token, settings.milvus_prefix,
                    **(options | kwargs))
 
@@ -85,9 +141,9 @@ class CofeatClient:
     def user_vector(self, user_id: int) -> np.ndarray:
         return self._get(self.users, user_id, "user")[VECTOR_FIELD]
 
-    def _get(self, collection: str, key: int, what: str) -> dict:
-        rows = self.milvus.get(collection, ids=[int(key)], timeout=self.timeout_s,
-                               consistency_level=self.consistency)
+    def _get(self, collection: str, key: int, what: str, fields: Sequence[str] = ()) -> dict:
+        rows = self.milvus.get(collection, ids=[int(key)], output_fields=list(fields),
+                               timeout=self.timeout_s, consistency_level=self.consistency)
         if not rows:
             raise NotFound(f"{what} {key} has no vector in {collection}")
         row = dict(rows[0])
@@ -107,10 +163,31 @@ class CofeatClient:
                            exclude_owner: bool = False) -> list[Hit]:
         """Nearest projects to this one, never itself; `exclude_owner` also drops every
         project of the same owner."""
-        row = self.project(project_id)
-        owner = row["owner_id"] if exclude_owner else None
-        return self.similar_to_vector(row[VECTOR_FIELD], k, exclude_ids=[project_id],
-                                      exclude_owner_id=owner)
+        row = self.recent.get(project_id)
+        if row is not None:
+            hits = self._around(project_id, row, k, exclude_owner)
+            if hits and hits[0].model_version == row["model_version"]:
+                return hits
+            # The alias moved to another model version (or nothing was found, which
+            # proves nothing): every cached vector belongs to the old one.
+            self.recent.clear()
+        for _ in range(3):
+            row = self._get(self.projects, project_id, "project", SOURCE_FIELDS)
+            hits = self._around(project_id, row, k, exclude_owner)
+            if not hits or hits[0].model_version == row["model_version"]:
+                self.recent.put(project_id, row)
+                return hits
+            # The alias moved between the two calls: the vector is of the old space.
+        raise ModelChanged(f"the alias {self.projects} kept moving during the query: retry")
+
+    def _around(self, project_id: int, row: dict, k: int, exclude_owner: bool) -> list[Hit]:
+        if exclude_owner:  # the owner's filter drops the project itself too
+            return self.similar_to_vector(row[VECTOR_FIELD], k,
+                                          exclude_owner_id=row["owner_id"])
+        # One more neighbour instead of an id filter: Milvus evaluates a filter on every
+        # row, and the project is usually its own nearest neighbour.
+        hits = self.similar_to_vector(row[VECTOR_FIELD], k + 1)
+        return [hit for hit in hits if hit.project_id != project_id][:k]
 
     def for_user(self, user_id: int, k: int = 20, new_only: bool = False,
                  new_since_ms: int | None = None) -> list[Hit]:

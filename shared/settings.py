@@ -116,6 +116,10 @@ class Settings(BaseSettings):
     serve_new_window_s: float = Field(7 * 86_400.0, gt=0, description="'new' projects age")
     serve_model_check_s: float = Field(30.0, gt=0, description="how often to look for a "
                                        "newer CNN model")
+    serve_cache_size: int = Field(10_000, ge=0, description="project vectors similar-to-"
+                                  "project keeps (0: off)")
+    serve_cache_ttl_s: float = Field(5.0, ge=0, description="how long a kept vector is "
+                                     "used: how much staler than Milvus it may be")
 
     # Embedder (services/embedder): Kafka -> CNN -> Milvus.
     embed_group: str = "cofeat-embed"
@@ -124,7 +128,11 @@ class Settings(BaseSettings):
     embed_batch_size: int = Field(64, ge=1, description="images per model forward pass")
     embed_workers: int = Field(2, ge=0, description="image decode threads for backfills")
     embed_device: Literal["auto", "cpu", "cuda"] = "auto"
-    embed_backfill_chunk: int = Field(512, ge=1, description="projects per backfill step")
+    embed_backfill_chunk: int = Field(512, ge=1, description="projects per backfill step at most")
+    embed_backfill_step_s: float = Field(
+        0.5, gt=0, description="work per backfill step: how long stream events wait behind one")
+    embed_torch_threads: int = Field(0, ge=0, description="CPU threads for the CNN; 0: torch's "
+                                     "default, one per core")
     embed_insert_rows: int = Field(2000, ge=1, description="rows per Milvus insert call")
     embed_max_attempts: int = Field(3, ge=1, description="image failures before parking")
     embed_retry_interval_s: float = Field(30.0, ge=0, description="between image retries")

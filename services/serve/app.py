@@ -10,6 +10,7 @@ Query endpoints need `Authorization: Bearer <COFEAT_API_TOKEN>` when that is set
 
 from __future__ import annotations
 
+import gc
 import hmac
 import logging
 import threading
@@ -85,6 +86,10 @@ def create_app(settings: Settings, client: CofeatClient | None = None,
             models.refresh()
         except Exception:
             log.exception("loading the CNN model failed; image search is off until it loads")
+        # The start-up objects (torch, pymilvus, the app) live as long as the process: out
+        # of the collector's full passes, which otherwise stall a request for tens of ms.
+        gc.collect()
+        gc.freeze()
         if watch:
             threading.Thread(target=models.watch, args=(stop,), daemon=True,
                              name="model-watch").start()

@@ -11,9 +11,17 @@ import pytest
 
 from shared import client as client_module
 from shared import milvus
-from shared.client import CofeatClient, NotFound
+from shared.client import CofeatClient, ModelChanged, NotFound
 from shared.settings import Settings
-from tests.services.serve.world import FIRST_PROJECT, FIRST_USER, HOUR_MS, drop_world, make_world
+from tests.services.serve.world import (
+    FIRST_PROJECT,
+    FIRST_USER,
+    HOUR_MS,
+    drop_world,
+    load_projects,
+    make_world,
+    unit,
+)
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +56,8 @@ def test_is_copyable_alone():
                 if isinstance(node, ast.Import) for alias in node.names}
     imported |= {node.module.split(".")[0] for node in ast.walk(tree)
                  if isinstance(node, ast.ImportFrom)}
-    assert imported <= {"__future__", "time", "collections", "dataclasses", "numpy", "pymilvus"}
+    assert imported <= {"__future__", "threading", "time", "collections", "dataclasses", "numpy",
+                        "pymilvus"}
 
 
 def test_similar_to_project_in_order_without_itself(world, client):
@@ -108,3 +117,81 @@ def test_similar_to_vector_checks_its_input(world, client):
 
 def test_collection_version(world, client):
     assert client.collection_version() == world.version
+
+
+# -- the cache of project vectors ---------------------------------------------------------
+
+
+def test_cached_vectors_follow_the_alias_to_a_new_version(milvus_uri, tmp_path):
+    world = make_world(milvus_uri, tmp_path)
+    client = CofeatClient.from_settings(world.settings)
+    fetches = counting(client.milvus, "get")
+    try:
+        row = 7
+        first = client.similar_to_project(FIRST_PROJECT + row, k=10)
+        assert client.similar_to_project(FIRST_PROJECT + row, k=10) == first
+        assert fetches() == 1  # the second query needed one search, no fetch
+        # The embedder swaps the alias to version 2, whose vectors differ.
+        other = unit(np.random.default_rng(1).normal(size=world.projects.shape))
+        load_projects(world.settings, 2, world.project_ids, other, world.owners,
+                      world.published)
+        hits = client.similar_to_project(FIRST_PROJECT + row, k=10)
+        keep = np.arange(len(other)) != row
+        assert ids(hits) == [int(FIRST_PROJECT + r) for r in np.argsort(
+            -(other @ other[row]), kind="stable") if keep[r]][:10]
+        assert {hit.model_version for hit in hits} == {2}
+        assert fetches() == 2
+    finally:
+        client.close()
+        drop_world(world.settings)
+
+
+def counting(target, name: str):
+    """Counts calls of target.name from now on; returns a function that tells how many."""
+    calls, original = [0], getattr(target, name)
+
+    def wrapper(*args, **kwargs):
+        calls[0] += 1
+        return original(*args, **kwargs)
+
+    setattr(target, name, wrapper)
+    return lambda: calls[0]
+
+
+class AliasOnTheMove:
+    """get and search like MilvusClient, where every search already sees the next version."""
+
+    def __init__(self):
+        self.version = 1
+
+    def get(self, collection, ids, **kwargs):
+        return [{"project_id": ids[0], "embedding": [1.0, 0.0], "owner_id": 3,
+                 "model_version": self.version}]
+
+    def search(self, collection, **kwargs):
+        self.version += 1
+        return [[{"id": 2, "distance": 0.5, "entity": {
+            "owner_id": 4, "published_at": 0, "model_version": self.version}}]]
+
+
+def test_an_alias_that_keeps_moving_is_an_error_not_a_mixed_answer():
+    client = CofeatClient("http://unused", milvus=AliasOnTheMove())
+    with pytest.raises(ModelChanged, match="retry"):
+        client.similar_to_project(1)
+    assert not client.recent.rows
+
+
+def test_the_cache_is_bounded_in_size_and_age(monkeypatch):
+    now = [100.0]
+    monkeypatch.setattr(client_module.time, "monotonic", lambda: now[0])
+    recent = client_module._Recent(size=2, ttl_s=5.0)
+    for key in (1, 2, 3):
+        recent.put(key, {"key": key})
+    assert recent.get(1) is None and recent.get(2) == {"key": 2}
+    recent.put(4, {"key": 4})  # 3 is now the least recently used
+    assert recent.get(3) is None and recent.get(2) == {"key": 2}
+    now[0] += 5.1
+    assert recent.get(2) is None and recent.get(4) is None
+    off = client_module._Recent(size=0, ttl_s=5.0)
+    off.put(1, {"key": 1})
+    assert off.get(1) is None
