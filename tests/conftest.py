@@ -113,6 +113,21 @@ def milvus_uri() -> str:
         shutil.rmtree(root, ignore_errors=True)
 
 
+@pytest.fixture(scope="session")
+def milvus_restart(milvus_uri):
+    """`with milvus_restart(): ...` stops the session's Milvus for the block, then starts it
+    again on the same data and port, whoever started it (this session, `cofeat dev up`,
+    another session). The dev stack under COFEAT_DATA_DIR (default ./data) keeps track of
+    it. Skips only when no milvus-server process on this machine serves that port."""
+    from services.dev import stack
+
+    port = int(milvus_uri.rsplit(":", 1)[1])
+    if stack.running_milvus(port=port) is None:
+        pytest.skip(f"the Milvus at {milvus_uri} is no milvus-server process of this machine "
+                    "(external, or in a container): it cannot be restarted from here")
+    return lambda: stack.milvus_stopped(port, Settings())
+
+
 def _database_url(admin_url: str, name: str) -> str:
     from sqlalchemy.engine import make_url
 

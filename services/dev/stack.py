@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import importlib.util
 import json
 import os
 import re
@@ -47,6 +48,9 @@ EXTERNAL_TIMEOUT = 10.0
 MILVUS_ETCD_PORT = 2379
 # Machine-wide, so two sessions never both decide to start "the" Milvus.
 MILVUS_LOCK = Path(tempfile.gettempdir()) / "cofeat-milvus.lock"
+# What `up` runs: milvus-server, fixed so that a restart keeps its port (see the file).
+MILVUS_LAUNCHER = Path(__file__).with_name("milvus_server.py")
+MILVUS_WRAPPERS = ("milvus-server", MILVUS_LAUNCHER.name)  # programs a Milvus runs under
 
 
 class StackError(RuntimeError):
@@ -376,10 +380,10 @@ def milvus_lock() -> contextlib.AbstractContextManager:
 
 
 def milvus_command(milvus_dir: Path, port: int) -> list[str]:
-    script = Path(sys.executable).parent / "milvus-server"
-    if not script.exists():
-        raise StackError(f"{script} not found: install the PyPI package milvus==2.3.5")
-    return [sys.executable, str(script), "--data", str(milvus_dir), "--proxy-port", str(port)]
+    if importlib.util.find_spec("milvus") is None:
+        raise StackError("the PyPI package milvus==2.3.5 is not installed")
+    return [sys.executable, str(MILVUS_LAUNCHER), "--data", str(milvus_dir), "--proxy-port",
+            str(port)]
 
 
 def kill_orphans(milvus_dir: Path) -> None:
@@ -395,19 +399,22 @@ def kill_orphans(milvus_dir: Path) -> None:
 
 def start_milvus(directory: Path, port: int, timeout: float | None = None) -> dict:
     """Starts Milvus with its data in `directory/milvus`; call under `milvus_lock()`."""
+    return _start_milvus_in(directory.resolve() / "milvus", port, timeout)
+
+
+def _start_milvus_in(milvus_dir: Path, port: int, timeout: float | None = None) -> dict:
     require_free_port(port, "Milvus", "COFEAT_DEV_MILVUS_PORT")
     if port_open(MILVUS_ETCD_PORT):
         raise StackError(
             f"another Milvus runs on this machine (its embedded etcd holds 127.0.0.1:"
             f"{MILVUS_ETCD_PORT}) but not on port {port}; only one can run per machine: set "
             "COFEAT_DEV_MILVUS_PORT to its port or COFEAT_MILVUS_URI to its URI")
-    milvus_dir = directory.resolve() / "milvus"
     kill_orphans(milvus_dir)
-    cmd, log = milvus_command(milvus_dir, port), directory / "milvus.log"
-    proc = spawn(cmd, log, directory)
+    cmd, log = milvus_command(milvus_dir, port), milvus_dir.parent / "milvus.log"
+    proc = spawn(cmd, log, milvus_dir.parent)
     uri = milvus_uri_for(port)
-    record = _started(proc, ["milvus-server", str(milvus_dir)], uri, log, dir=str(milvus_dir),
-                      port=port)
+    record = _started(proc, [MILVUS_LAUNCHER.name, str(milvus_dir)], uri, log,
+                      dir=str(milvus_dir), port=port)
     try:
         wait_ready(lambda: port_open(port) and milvus_answers(uri), "Milvus", log,
                    timeout or START_TIMEOUT["milvus"], proc)
@@ -418,10 +425,81 @@ def start_milvus(directory: Path, port: int, timeout: float | None = None) -> di
 
 
 def stop_milvus(record: dict) -> bool:
+    # Whatever runs from the data dir is this Milvus, also after a restart gave it a new pid.
+    record = running_milvus(milvus_dir=record["dir"]) or record
     # SIGINT to the milvus-server wrapper stops the binary in ~2 s; SIGTERM may hang.
     stopped = stop_process(record, signal.SIGINT, 20)
     kill_orphans(Path(record["dir"]))
     return stopped
+
+
+def _option(args: list[str], name: str) -> str | None:
+    for n, arg in enumerate(args):
+        if arg == name and n + 1 < len(args):
+            return args[n + 1]
+        if arg.startswith(name + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def _wrapper_record(proc: psutil.Process) -> dict | None:
+    """A started-record for a milvus-server wrapper process, or None if it is not one."""
+    args = proc.info["cmdline"] or []
+    data = _option(args, "--data")
+    wrapper = next((Path(a).name for a in args[:2] if Path(a).name in MILVUS_WRAPPERS), None)
+    if wrapper is None or not data:
+        return None
+    milvus_dir = Path(proc.cwd(), data).resolve()
+    port = int(_option(args, "--proxy-port") or 19530)  # the wrapper's default
+    return _started(proc.pid, [wrapper, str(milvus_dir)], milvus_uri_for(port),
+                    milvus_dir.parent / "milvus.log", dir=str(milvus_dir), port=port,
+                    started_at=proc.create_time())
+
+
+def running_milvus(port: int | None = None, milvus_dir: str | None = None) -> dict | None:
+    """The record of the milvus-server wrapper serving `port` or running from `milvus_dir`
+    on this machine, whoever started it (`up`, a test session, a person); None if none."""
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            record = _wrapper_record(proc)
+        except (psutil.Error, ValueError):
+            continue
+        if record and (record["port"] == port or record["dir"] == milvus_dir):
+            return record
+    return None
+
+
+@contextlib.contextmanager
+def milvus_stopped(port: int, settings: Settings | None = None) -> Iterator[dict]:
+    """Milvus serving `port` on this machine stopped for the block, then started again on
+    the same data and port: a server restart as its clients see it.
+
+    Both locks are held meanwhile, so nobody starts another Milvus in the gap (only one can
+    run); the stack under `settings`, if it recorded this Milvus, follows it to its new pid.
+    Raises StackError if no milvus-server wrapper here serves `port`.
+    """
+    stack_lock = (file_lock(dev_dir(settings) / "stack.lock")
+                  if settings is not None and settings.stack_file.exists()
+                  else contextlib.nullcontext())
+    with stack_lock, milvus_lock():
+        record = running_milvus(port=port)
+        if record is None:
+            raise StackError(f"no milvus-server process on this machine serves port {port}")
+        stop_milvus(record)
+        try:
+            yield record
+        finally:
+            restarted = _start_milvus_in(Path(record["dir"]), port)
+            if settings is not None:
+                _follow_milvus(settings, restarted)
+
+
+def _follow_milvus(settings: Settings, restarted: dict) -> None:
+    state = read_state(settings)
+    recorded = state["pieces"].get("milvus") or {}
+    if recorded.get("mode") == "started" and recorded.get("dir") == restarted["dir"]:
+        set_record(state, "milvus", restarted)
+        write_state(settings, state)
 
 
 def reused_milvus(port: int) -> dict:

@@ -56,6 +56,8 @@ class Backfill:
         self.user_vectors, self.user_ids = np.zeros((0, 0), np.float32), np.zeros(0, np.int64)
         self.user_rows = 0  # users written so far
         self.next_load_check = 0.0
+        self.pace = 0.0  # projects/s of recent fill steps
+        self.sealed: dict[str, int] = {}  # rows per collection when filling ended
         self.images, self.embed_seconds = 0, 0.0
         self.started = self.filled_at = time.monotonic()
         self.phase = "fill"
@@ -119,9 +121,19 @@ class Backfill:
                 self._request_load()
         elif self.phase == "loading" and time.monotonic() >= self.next_load_check:
             self.next_load_check = time.monotonic() + 0.25  # do not hammer Milvus
-            if all(mv.loaded(self.milvus, name) for name in self._names()):
+            if all(self._ready(name) for name in self._names()):
                 self.phase = "ready"
         return self.phase == "ready"
+
+    def _ready(self, name: str) -> bool:
+        """Loaded, and the sealed rows indexed: a swap must not leave queries scanning."""
+        state = mv.load_state(self.milvus, name)
+        if state == "NotLoad":
+            # A restarted Milvus may forget a load in progress (2.3.5 resumes it itself).
+            log.info("%s is not loading (Milvus restarted?): loading it again", name)
+            mv.load(self.milvus, name)
+        return state == "Loaded" and (not self.sealed[name]
+                                      or mv.index_caught_up(self.milvus, name))
 
     def _names(self) -> list[str]:
         return ([self.projects] if self.build_projects else []) + (
@@ -129,11 +141,20 @@ class Backfill:
 
     def _fill_step(self) -> bool:
         """Write one chunk; False when there is nothing left to write."""
-        chunk = self.settings.embed_backfill_chunk
+        started = time.monotonic()
+        projects = self._fill(self._chunk())
+        if projects:
+            self._pace(projects, time.monotonic() - started)
+        return projects is not None
+
+    def _fill(self, chunk: int) -> int | None:
+        """Up to `chunk` projects, or one insert of users; returns the projects read, None
+        when nothing is left."""
         if self.build_projects and self.replay:
-            self._replay(self.replay[:chunk])
+            events = self.replay[:chunk]
+            self._replay(events)
             self.replay = self.replay[chunk:]
-            return True
+            return len(events)
         if self.build_projects and self.after is not None:
             items = failures.live_page(self.db(), self.after, chunk,
                                        self.settings.embed_max_attempts)
@@ -141,16 +162,31 @@ class Backfill:
                                if self.touched.get(i.project_id, -1) < i.ts_ms])
             # Only after the write: a failed step is retried from the same place.
             self.after = items[-1].project_id if items else None
-            return True
+            return len(items)
         if self.build_users and self.user_rows < len(self.user_ids):
             part = slice(self.user_rows, self.user_rows + self.settings.embed_insert_rows)
             rows = user_rows(self.user_vectors[part], self.user_ids[part], self.version)
             mv.upsert(self.milvus, [self.users], rows, self.settings.embed_insert_rows)
             self.user_rows += len(rows)
-            return True
-        return False
+            return 0
+        return None
+
+    def _chunk(self) -> int:
+        """Projects for the next step: COFEAT_EMBED_BACKFILL_STEP_S of work at the recent
+        pace. Stream events wait behind a step, and the pace varies tenfold with what else
+        runs on the cores (CNN training, ingest), so a fixed count cannot bound the wait."""
+        limit = self.settings.embed_backfill_chunk
+        if not self.pace:
+            return min(limit, self.settings.embed_batch_size)  # a first, short measurement
+        return max(1, min(limit, int(self.pace * self.settings.embed_backfill_step_s)))
+
+    def _pace(self, projects: int, seconds: float) -> None:
+        """Projects per second of fill steps, reading, embedding and writing included."""
+        pace = projects / max(seconds, 1e-3)
+        self.pace = pace if not self.pace else (self.pace + pace) / 2
 
     def _request_load(self) -> None:
+        self.sealed = {self.projects: len(self.written), self.users: self.user_rows}
         for name in self._names():
             mv.request_index_and_load(self.milvus, self.settings, name)
         self.phase, self.filled_at = "loading", time.monotonic()

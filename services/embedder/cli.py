@@ -19,8 +19,10 @@ def main(
 
     settings, log = start_service("embed", consumer_group_setting="embed_group",
                                   needs_milvus=True)
+    from services.embedder.encode import use_threads
     from services.embedder.service import Embedder, install_signal_handlers  # torch: slow
 
+    use_threads(settings.embed_torch_threads)
     # pymilvus logs every failed RPC with a traceback; outages are logged once per interval.
     logging.getLogger("pymilvus").setLevel(logging.CRITICAL)
     embedder = Embedder(settings, drain=drain)

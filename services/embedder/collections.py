@@ -76,6 +76,7 @@ class Milvus:
         self.settings, self.stopping = settings, stopping
         self.outage = Outage("milvus", settings.embed_retry_max_s)
         self.client: MilvusClient | None = None
+        self.recoveries = 0  # outages ended so far
 
     def _connect(self) -> MilvusClient:
         if self.client is None:
@@ -88,6 +89,7 @@ class Milvus:
             started = time.monotonic()
             try:
                 result = action(self._connect())
+                self.recoveries += bool(self.outage.failures)
                 self.outage.recovered()
                 if what and time.monotonic() - started > SLOW_CALL_S:
                     log.warning("slow Milvus call: %s took %.1f s", what,
@@ -160,16 +162,36 @@ def delete(milvus: Milvus, names: list[str], ids: list[int]) -> None:
 
 
 def request_index_and_load(milvus: Milvus, settings: Settings, name: str) -> None:
-    """Seal what was written, build HNSW, start loading; `loaded` says when it is done."""
-    milvus.call(lambda c: c.flush(name), f"flush of {name}")
+    """Seal what was written, request HNSW and loading; `ready` says when it is done.
+
+    No call here waits for Milvus to persist, index or load: a busy Milvus took minutes to
+    flush 10,000 rows, and stream events waited behind it. `_async` skips only pymilvus's
+    wait for the sealed segments to be persisted; the seal itself is acknowledged.
+    """
+    milvus.call(lambda c: c.flush(name, _async=True), f"seal of {name}")
     milvus.call(lambda c: c.list_indexes(name) or c.create_index(
-        name, contract.index_params(settings)))
+        name, contract.index_params(settings), sync=False))
+    load(milvus, name)
+
+
+def load(milvus: Milvus, name: str) -> None:
     milvus.call(lambda c: c.load_collection(name, _async=True))
 
 
-def loaded(milvus: Milvus, name: str) -> bool:
+def load_state(milvus: Milvus, name: str) -> str:
+    """Loaded, Loading or NotLoad."""
     state = milvus.call(lambda c: c.get_load_state(name))["state"]
-    return getattr(state, "name", str(state)) == "Loaded"
+    return getattr(state, "name", str(state))
+
+
+def index_caught_up(milvus: Milvus, name: str) -> bool:
+    """Persisted rows exist and none waits for the index. Sealed rows count only once
+    persisted, so right after the seal this is False, not vacuously True."""
+    def caught_up(c: MilvusClient) -> bool:
+        index = c.describe_index(name, c.list_indexes(name)[0])
+        return index["total_rows"] > 0 and index["pending_index_rows"] == 0
+
+    return milvus.call(caught_up)
 
 
 def count(milvus: Milvus, name: str) -> int:

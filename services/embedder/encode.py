@@ -45,6 +45,13 @@ class Result:
     seconds: float
 
 
+def use_threads(count: int) -> None:
+    """COFEAT_EMBED_TORCH_THREADS; 0 keeps torch's default of one thread per core, which
+    oversubscribes the cores when CNN training runs beside the embedder and does the same."""
+    if count:
+        torch.set_num_threads(count)
+
+
 def pick_device(setting: str) -> torch.device:
     if setting == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -1,8 +1,9 @@
 """The embedder loop: model check, one stream batch, one backfill step, retries, drops.
 
 Everything runs in one thread, in that order, so stream writes and backfill writes never
-race: a backfill is a sequence of short steps between stream batches, and the alias moves
-right after its verification, with no stream write in between.
+race: a backfill is a sequence of short steps between stream batches (each about
+COFEAT_EMBED_BACKFILL_STEP_S long, which bounds how long a new project waits), and the alias
+moves right after its verification, with no stream write in between.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from shared.settings import Settings
 
 log = logging.getLogger("cofeat.embed")
 T = TypeVar("T")
+BACKFILL_POLL_MS = 50  # a fetch round trip to a broker on busy cores
 
 
 class Embedder:
@@ -50,6 +52,7 @@ class Embedder:
         self.retirement = mv.Retirement(settings.embed_drop_grace_s)
         self.recent = Recent(settings.embed_recent_window_s)
         self.next_model_check = self.next_retry = 0.0
+        self.recoveries_seen = 0
         self.meter = Meter()
 
     # -- database ------------------------------------------------------------------------
@@ -173,6 +176,19 @@ class Embedder:
             self.encoders = {self.live.version: self.live}
         self.backfill = None
 
+    def reload_after_outage(self) -> None:
+        """Milvus 2.3.5 loads the aliased collections again after a restart; should a server
+        not, queries would fail until the next swap, so ask for it."""
+        if self.milvus.recoveries == self.recoveries_seen:
+            return
+        self.recoveries_seen = self.milvus.recoveries
+        for kind in (contract.PROJECTS, contract.USERS):
+            target = mv.alias_target(self.milvus, contract.alias(self.settings, kind))
+            if target and mv.load_state(self.milvus, target) == "NotLoad":
+                log.warning("%s behind an alias is not loaded after a Milvus outage: "
+                            "loading it", target)
+                mv.load(self.milvus, target)
+
     def writers(self) -> list[tuple[Encoder, list[str], bool]]:
         """(model, collections, is the backfill) for every collection writes must reach."""
         out = []
@@ -231,8 +247,10 @@ class Embedder:
             self.stream = Stream(self.settings, self.load_offsets)
         timeout = self.settings.embed_poll_timeout_ms
         if self.backfill is not None and self.stream.joined:
-            # Backfill steps wait; a zero timeout would also stall the group join.
-            timeout = min(timeout, 10)
+            # Backfill steps wait, but a fetch the broker held through a step comes back
+            # empty, and the events that came meanwhile need one more round trip: a shorter
+            # poll (10 ms) left them for the next step, doubling their wait.
+            timeout = min(timeout, BACKFILL_POLL_MS)
         polled = self.stream.poll(timeout)
         if polled.next_offsets:
             self.apply(polled)
@@ -289,7 +307,7 @@ class Embedder:
     def step(self) -> None:
         try:
             for part in (self.stream_step, self.backfill_step, self.retry_step,
-                         self.drop_retired):
+                         self.drop_retired, self.reload_after_outage):
                 timed(part)
         except psycopg.Error as error:
             self.db_failed(error)  # retried on the next turn: every write is idempotent

@@ -12,6 +12,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from shared.settings import Settings
+
 log = logging.getLogger("cofeat.run")
 
 # Each service and the command line that runs it as a long-lived process.
@@ -97,9 +99,10 @@ def _last_line(path: Path, limit: int = 300) -> str:
 
 
 def plan(services: list[str], ingest_replicas: int, refresh_every: str,
-         log_dir: Path, metrics_port: int = 0) -> list[Child]:
+         log_dir: Path, metrics_port: int = 0, embed_threads: int = 0) -> list[Child]:
     """The children to run. With a metrics port P, the supervisor serves P and child i
-    serves P + 1 + i (they would otherwise all inherit P)."""
+    serves P + 1 + i (they would otherwise all inherit P). `embed_threads` (if not 0)
+    becomes the embedder's COFEAT_EMBED_TORCH_THREADS."""
     unknown = [s for s in services if s not in COMMANDS]
     if unknown:
         raise ValueError(f"unknown services {unknown}; known: {sorted(COMMANDS)}")
@@ -110,6 +113,19 @@ def plan(services: list[str], ingest_replicas: int, refresh_every: str,
         for n in range(copies):
             label = f"{name}-{n}" if copies > 1 else name
             port = metrics_port + 1 + len(children) if metrics_port else 0
-            children.append(Child(label, argv, log_dir / f"{label}.log",
-                                  {"COFEAT_METRICS_PORT": str(port)}))
+            env = {"COFEAT_METRICS_PORT": str(port)}
+            if name == "embed" and embed_threads:
+                env["COFEAT_EMBED_TORCH_THREADS"] = str(embed_threads)
+            children.append(Child(label, argv, log_dir / f"{label}.log", env))
     return children
+
+
+def embed_threads(services: list[str], settings: Settings) -> int:
+    """Torch threads for an embedder beside CNN training: half the cores. torch gives each
+    process a thread per core, and two such processes on the same cores slow each other and
+    hold stream events back; 0 (torch's default) when embed runs alone or the setting is
+    given explicitly."""
+    if ("embed_torch_threads" in settings.model_fields_set
+            or not {"embed", "refresh"} <= set(services)):
+        return 0
+    return max(1, len(os.sched_getaffinity(0)) // 2)

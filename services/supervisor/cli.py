@@ -13,7 +13,7 @@ def main(
     services: str = typer.Option(None, help="Comma-separated (default COFEAT_RUN_SERVICES)."),
 ) -> None:
     """Run the services as one supervised process tree (restarts crashed ones)."""
-    from services.supervisor.children import plan
+    from services.supervisor.children import embed_threads, plan
     from services.supervisor.supervisor import Supervisor, install_signal_handlers, state_path
     from shared.logs import setup_logging
     from shared.metrics import serve_metrics
@@ -22,7 +22,8 @@ def main(
         settings = load_settings()
         names = [s.strip() for s in (services or settings.run_services).split(",") if s.strip()]
         children = plan(names, settings.run_ingest_replicas, settings.run_refresh_every,
-                        settings.data_dir / "run" / "logs", settings.metrics_port)
+                        settings.data_dir / "run" / "logs", settings.metrics_port,
+                        embed_threads(names, settings))
     except SettingsError as error:
         exit_on_settings_error(error)
     except ValueError as error:

@@ -110,6 +110,18 @@ def test_status_masks_an_external_password(stack_dir):
 # -- real servers ---------------------------------------------------------------------------
 
 
+def test_the_running_milvus_is_found_whoever_started_it(milvus_uri):
+    """What `milvus_stopped` (a restart) and `stop_milvus` after one go by."""
+    record = stack.running_milvus(port=MILVUS_PORT)
+    if record is None:
+        pytest.skip(f"{milvus_uri} is not a milvus-server process of this machine")
+    assert record["url"] == milvus_uri
+    assert Path(record["dir"], "bin").is_dir()  # the data dir the binaries run from
+    assert stack.owned_process(record) is not None
+    assert stack.running_milvus(milvus_dir=record["dir"])["pid"] == record["pid"]
+    assert stack.running_milvus(port=free_port()) is None
+
+
 def test_milvus_is_started_or_reused(stack_dir, pg_admin_url, broker):
     """Starts Milvus when none runs on this machine, else takes the reuse path."""
     settings = make_settings(stack_dir, database_url=pg_admin_url, kafka_bootstrap=broker)

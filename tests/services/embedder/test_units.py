@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from services.embedder.backfill import normalized_users, user_rows
+from services.embedder.backfill import Backfill, normalized_users, user_rows
 from services.embedder.collections import version_of
 from services.embedder.encode import Encoder, Item
 from services.embedder.stream import Recent, latest_per_project
@@ -51,6 +51,20 @@ def test_version_of_reads_only_our_names():
     assert version_of(settings, "cofeat_projects", "t2_cofeat_projects_v12") is None
     assert version_of(settings, "cofeat_projects", "t1_cofeat_users_v12") is None
     assert version_of(settings, "cofeat_projects", "t1_cofeat_projects_v1x") is None
+
+
+def test_backfill_steps_take_what_fits_their_time_budget(encoder):
+    settings = Settings(embed_backfill_chunk=512, embed_backfill_step_s=0.5, embed_batch_size=64)
+    backfill = Backfill(settings, None, None, encoder, projects=True, users=False)
+    assert backfill._chunk() == 64  # nothing measured yet: one batch
+    backfill._pace(64, 0.5)  # 128 projects/s
+    assert backfill._chunk() == 64
+    backfill._pace(400, 0.5)  # the cores freed up: (128 + 800) / 2 = 464/s
+    assert backfill._chunk() == 232
+    backfill._pace(10_000, 1.0)
+    assert backfill._chunk() == 512  # never more than COFEAT_EMBED_BACKFILL_CHUNK
+    backfill.pace = 0.5  # training took the cores
+    assert backfill._chunk() == 1
 
 
 @pytest.fixture

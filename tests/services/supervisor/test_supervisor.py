@@ -8,7 +8,8 @@ import signal
 import subprocess
 import time
 
-from services.supervisor.children import plan
+from services.supervisor.children import embed_threads, plan
+from shared.settings import Settings
 from tests.helpers import cofeat, interaction, settings_env, start, stored, wait_until
 
 
@@ -75,6 +76,17 @@ def test_plan_gives_each_child_its_own_metrics_port(tmp_path):
     refresh = plan(["refresh"], 1, "5m", tmp_path)[0]
     assert refresh.argv == ["refresh", "--every", "5m"]
     assert refresh.env["COFEAT_METRICS_PORT"] == "0"
+
+
+def test_embedder_beside_training_gets_half_the_cores(tmp_path, monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0, 1, 2, 3})
+    monkeypatch.delenv("COFEAT_EMBED_TORCH_THREADS", raising=False)
+    assert embed_threads(["ingest", "refresh", "embed"], Settings()) == 2
+    assert embed_threads(["ingest", "embed"], Settings()) == 0  # alone: torch's default
+    assert embed_threads(["refresh", "embed"], Settings(embed_torch_threads=3)) == 0  # given
+    embed = plan(["refresh", "embed"], 1, "5m", tmp_path, embed_threads=2)[1]
+    assert embed.env["COFEAT_EMBED_TORCH_THREADS"] == "2"
+    assert "COFEAT_EMBED_TORCH_THREADS" not in plan(["embed"], 1, "5m", tmp_path)[0].env
 
 
 def test_unknown_service_is_a_one_line_error(settings):
