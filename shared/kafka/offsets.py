@@ -18,7 +18,9 @@ def highwaters(settings: Settings, wanted: list[TopicPartition],
                timeout_s: float = 5.0) -> dict[TopicPartition, int]:
     if not wanted:
         return {}
-    consumer = KafkaConsumer(**client_config(settings), enable_auto_commit=False)
+    # Small fetches: only the watermark is wanted, not the records.
+    consumer = KafkaConsumer(**client_config(settings), enable_auto_commit=False,
+                             max_partition_fetch_bytes=1024)
     try:
         consumer.assign(wanted)
         consumer.seek_to_beginning(*wanted)
@@ -28,6 +30,9 @@ def highwaters(settings: Settings, wanted: list[TopicPartition],
             consumer.poll(timeout_ms=200, max_records=1)
             found = {tp: consumer.highwater(tp) for tp in wanted
                      if consumer.highwater(tp) is not None}
+            # A poll drains one partition's buffered records at a time: pausing the ones
+            # already known moves it on to the others instead of re-reading the first.
+            consumer.pause(*found)
         return found
     finally:
         consumer.close()
