@@ -47,6 +47,9 @@ class Embedder:
         self.encoders: dict[int, Encoder] = {}
         self.live: Encoder | None = None  # the model behind the projects alias
         self.live_collection: str | None = None
+        # Events produced before any model was live could not be searchable in seconds:
+        # freshness counts those produced after this (0: a model was live when we started).
+        self.searchable_since_ms: float | None = None
         self.backfill: Backfill | None = None
         self.users_unavailable: int | None = None  # version whose users cannot be built
         self.retirement = mv.Retirement(settings.embed_drop_grace_s)
@@ -109,6 +112,7 @@ class Embedder:
             live = row = None
         if live is not None:
             self.live, self.live_collection = live, target
+            self.searchable_since_ms = 0.0
             bind(model_version=live.version)
             metrics.LIVE_MODEL.set(version)
             log.info("serving %s (CNN v%d) through alias %s", target, version, alias)
@@ -170,6 +174,9 @@ class Embedder:
         for name in self.backfill.swap():
             self.retirement.schedule(name)
         if self.backfill.build_projects:
+            if self.live is None:
+                self.searchable_since_ms = time.time() * 1000
+                log.info("first model live: freshness is measured from now on")
             self.live, self.live_collection = self.backfill.encoder, self.backfill.projects
             metrics.LIVE_MODEL.set(self.live.version)
             bind(model_version=self.live.version)
@@ -240,7 +247,7 @@ class Embedder:
         if failed:
             log_failures(failed, attempts, self.settings.embed_max_attempts)
         self.recent.add(events)
-        observe(events, failed_ids, polled.produced_ms)
+        observe(events, failed_ids, polled.produced_ms, self.searchable_since_ms)
 
     def stream_step(self) -> None:
         if self.stream is None:
@@ -353,16 +360,16 @@ def commit(conn: psycopg.Connection, group: str, next_offsets: dict,
     return attempts
 
 
-def observe(events: list[ProjectEvent], failed_ids: set[int],
-            produced_ms: dict[str, int]) -> None:
+def observe(events: list[ProjectEvent], failed_ids: set[int], produced_ms: dict[str, int],
+            searchable_since_ms: float | None) -> None:
     now_ms = time.time() * 1000
     for event in events:
         if event.project_id in failed_ids:
             metrics.EVENTS.labels("failed").inc()
             continue
         metrics.EVENTS.labels("deleted" if event.type == "deleted" else "upserted").inc()
-        produced = produced_ms.get(event.event_id)
-        if produced is not None and produced > 0:
+        produced = produced_ms.get(event.event_id) or 0
+        if searchable_since_ms is not None and produced > searchable_since_ms:
             metrics.FRESHNESS.observe(max(0.0, now_ms - produced) / 1000)
 
 

@@ -109,3 +109,23 @@ def test_encoder_decodes_in_threads_with_the_same_result(encoder, tmp_path, monk
     assert [item.project_id for item, _ in pooled.failed] == [99]
     assert np.allclose([r["embedding"] for r in alone.rows],
                        [r["embedding"] for r in pooled.rows], atol=1e-6)
+
+
+def freshness_count() -> float:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value("cofeat_embed_freshness_seconds_count") or 0.0
+
+
+def test_freshness_counts_only_events_produced_once_a_model_was_live():
+    from services.embedder.service import observe
+
+    events = [ev(1, 10), ev(2, 20), ev(3, 30)]
+    produced = {"1-10-0": 1_000, "2-20-0": 2_000, "3-30-0": 3_000}
+    before = freshness_count()
+    observe(events, set(), produced, None)  # no model yet: nothing was searchable
+    assert freshness_count() == before
+    observe(events, {3}, produced, 1_500)  # 1 came before the first model, 3 failed
+    assert freshness_count() == before + 1
+    observe(events, set(), produced, 0.0)  # a model was live when the embedder started
+    assert freshness_count() == before + 4
