@@ -127,13 +127,8 @@ class Backfill:
 
     def _ready(self, name: str) -> bool:
         """Loaded, and the sealed rows indexed: a swap must not leave queries scanning."""
-        state = mv.load_state(self.milvus, name)
-        if state == "NotLoad":
-            # A restarted Milvus may forget a load in progress (2.3.5 resumes it itself).
-            log.info("%s is not loading (Milvus restarted?): loading it again", name)
-            mv.load(self.milvus, name)
-        return state == "Loaded" and (not self.sealed[name]
-                                      or mv.index_caught_up(self.milvus, name))
+        loaded = mv.ensure_loading(self.milvus, name) == "Loaded"
+        return loaded and (not self.sealed[name] or mv.index_caught_up(self.milvus, name))
 
     def _names(self) -> list[str]:
         return ([self.projects] if self.build_projects else []) + (

@@ -178,10 +178,15 @@ def load(milvus: Milvus, name: str) -> None:
     milvus.call(lambda c: c.load_collection(name, _async=True))
 
 
-def load_state(milvus: Milvus, name: str) -> str:
-    """Loaded, Loading or NotLoad."""
+def ensure_loading(milvus: Milvus, name: str) -> str:
+    """Loaded, Loading or NotLoad; a collection left NotLoad (a restarted Milvus may forget
+    a load: 2.3.5 resumes it itself, another server might not) is asked to load again."""
     state = milvus.call(lambda c: c.get_load_state(name))["state"]
-    return getattr(state, "name", str(state))
+    state = getattr(state, "name", str(state))
+    if state == "NotLoad":
+        log.warning("%s is not loaded (Milvus restarted?): loading it again", name)
+        load(milvus, name)
+    return state
 
 
 def index_caught_up(milvus: Milvus, name: str) -> bool:

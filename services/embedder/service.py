@@ -191,10 +191,8 @@ class Embedder:
         self.recoveries_seen = self.milvus.recoveries
         for kind in (contract.PROJECTS, contract.USERS):
             target = mv.alias_target(self.milvus, contract.alias(self.settings, kind))
-            if target and mv.load_state(self.milvus, target) == "NotLoad":
-                log.warning("%s behind an alias is not loaded after a Milvus outage: "
-                            "loading it", target)
-                mv.load(self.milvus, target)
+            if target:
+                mv.ensure_loading(self.milvus, target)
 
     def writers(self) -> list[tuple[Encoder, list[str], bool]]:
         """(model, collections, is the backfill) for every collection writes must reach."""
