@@ -20,11 +20,13 @@ all are dropped once a search shows the alias has moved to another model version
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import numpy as np
 from pymilvus import MilvusClient
@@ -163,21 +165,21 @@ class CofeatClient:
                            exclude_owner: bool = False) -> list[Hit]:
         """Nearest projects to this one, never itself; `exclude_owner` also drops every
         project of the same owner."""
-        row = self.recent.get(project_id)
-        if row is not None:
+        cached = self.recent.get(project_id)
+        fetched = (self._get(self.projects, project_id, "project", SOURCE_FIELDS)
+                   for _ in range(3))
+        for row in itertools.chain([cached] if cached else [], fetched):
             hits = self._around(project_id, row, k, exclude_owner)
+            if row is not cached and not hits:
+                return hits  # a filter left nothing: no version to compare
             if hits and hits[0].model_version == row["model_version"]:
+                if row is not cached:
+                    self.recent.put(project_id, row)
                 return hits
-            # The alias moved to another model version (or nothing was found, which
-            # proves nothing): every cached vector belongs to the old one.
+            # The alias moved to another model version since this vector was read (or a
+            # cached vector found nothing, which proves nothing): every cached vector
+            # belongs to the old one, and a fetched one came from the old collection.
             self.recent.clear()
-        for _ in range(3):
-            row = self._get(self.projects, project_id, "project", SOURCE_FIELDS)
-            hits = self._around(project_id, row, k, exclude_owner)
-            if not hits or hits[0].model_version == row["model_version"]:
-                self.recent.put(project_id, row)
-                return hits
-            # The alias moved between the two calls: the vector is of the old space.
         raise ModelChanged(f"the alias {self.projects} kept moving during the query: retry")
 
     def _around(self, project_id: int, row: dict, k: int, exclude_owner: bool) -> list[Hit]:
@@ -217,6 +219,13 @@ class CofeatClient:
             output_fields=PROJECT_FIELDS, search_params=params, timeout=self.timeout_s,
             consistency_level=self.consistency)
         return [_hit(found) for found in results[0]]
+
+
+def epoch_ms(moment: datetime) -> int:
+    """Epoch milliseconds, as in `published_at`; a time without a zone is taken as UTC."""
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return int(moment.timestamp() * 1000)
 
 
 def _unit(vector) -> np.ndarray:

@@ -2,7 +2,7 @@
 
     GET  /v1/projects/{project_id}/similar?k=10&exclude_owner=false
     POST /v1/similar?k=10                      multipart field `image`
-    GET  /v1/users/{user_id}/recommendations?k=20&new_only=false
+    GET  /v1/users/{user_id}/recommendations?k=20&new_only=false&published_since=ISO8601
     GET  /healthz  /readyz  /metrics  /openapi.json  /docs
 
 Query endpoints need `Authorization: Bearer <COFEAT_API_TOKEN>` when that is set.
@@ -16,6 +16,7 @@ import logging
 import threading
 import time
 from contextlib import asynccontextmanager
+from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import (
@@ -36,7 +37,7 @@ from pydantic import BaseModel, SecretStr
 from pymilvus.exceptions import MilvusException
 
 from services.serve.live import BadImage, ModelHolder, NoModel, embed_bytes
-from shared.client import CofeatClient, Hit, NotFound
+from shared.client import CofeatClient, Hit, NotFound, epoch_ms
 from shared.settings import Settings
 
 log = logging.getLogger("cofeat.serve")
@@ -221,10 +222,18 @@ def similar_to_image(request: Request, image: Annotated[UploadFile, File()],
 
 @queries.get("/users/{user_id}/recommendations", response_model=Results)
 def for_user(request: Request, user_id: Annotated[int, Path(ge=0, le=ID_MAX)],
-             k: K = 20, new_only: bool = False) -> JSONResponse:
+             k: K = 20, new_only: bool = False,
+             published_since: Annotated[datetime | None, Query(
+                 description="only projects published at or after this time (ISO 8601; "
+                             "UTC when it names no zone); overrides new_only's window")] = None,
+             ) -> JSONResponse:
     """Projects closest to the user's vector; `new_only`: published within the window."""
-    hits = request.app.state.client.for_user(user_id, k, new_only)
-    return results({"user_id": user_id, "k": k, "new_only": new_only}, hits)
+    since_ms = epoch_ms(published_since) if published_since else None
+    hits = request.app.state.client.for_user(user_id, k, new_only, new_since_ms=since_ms)
+    query = {"user_id": user_id, "k": k, "new_only": new_only}
+    if published_since:
+        query["published_since_ms"] = since_ms
+    return results(query, hits)
 
 
 # -- metrics (plain ASGI: cheaper than BaseHTTPMiddleware on every request) -------------

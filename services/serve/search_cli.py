@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated
 
@@ -99,7 +100,17 @@ def for_user(
     k: int = typer.Option(20, "--k", min=1, max=MAX_K),
     new_only: bool = typer.Option(False, "--new-only",
                                   help="only projects published within COFEAT_SERVE_NEW_WINDOW_S"),
+    published_since: Annotated[datetime | None, typer.Option(
+        "--published-since", formats=["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S"],
+        help="only projects published at or after this UTC time (e.g. a simulated "
+             "world's 2025-01-20); overrides --new-only's window")] = None,
 ) -> None:
     """Projects recommended to a user: those nearest to the user's vector."""
+    from shared.client import epoch_ms
+
+    since_ms = epoch_ms(published_since) if published_since else None
     query = {"user_id": user_id, "k": k, "new_only": new_only}
-    _print(*_ask(_settings(), lambda client: (query, client.for_user(user_id, k, new_only))))
+    if since_ms is not None:
+        query["published_since_ms"] = since_ms
+    _print(*_ask(_settings(), lambda client: (
+        query, client.for_user(user_id, k, new_only, new_since_ms=since_ms))))

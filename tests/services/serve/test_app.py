@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -22,7 +23,7 @@ from typer.testing import CliRunner
 from services.cli import app as cli
 from services.serve.app import create_app
 from services.serve.live import LiveModel, ModelHolder
-from shared.client import CofeatClient
+from shared.client import CofeatClient, epoch_ms
 from tests.conftest import free_port, wait_for_port
 from tests.services.serve.world import FIRST_PROJECT, FIRST_USER, drop_world, make_world
 
@@ -80,6 +81,20 @@ def test_recommendations(world, http):
     assert ids(http.get(FOR_USER.format(FIRST_USER + row))) == world.nearest(world.users[row])[:20]
     new = ids(http.get(FOR_USER.format(FIRST_USER + row), params={"new_only": True, "k": 100}))
     assert new == world.nearest(world.users[row], np.arange(300) < 168)[:100]
+
+
+def test_recommendations_published_since(world, http):
+    row, since = 4, datetime.now(UTC) - timedelta(hours=30)
+    keep = world.published >= epoch_ms(since)
+    assert 25 <= keep.sum() <= 31  # the window is what this test is about: not empty
+    for given in (since.isoformat(), since.replace(tzinfo=None).isoformat()):  # naive: UTC
+        response = http.get(FOR_USER.format(FIRST_USER + row),
+                            params={"published_since": given, "k": 100, "new_only": True})
+        assert ids(response) == world.nearest(world.users[row], keep)
+        assert response.json()["query"]["published_since_ms"] == epoch_ms(since)
+    response = http.get(FOR_USER.format(FIRST_USER + row), params={"published_since": "soon"})
+    assert response.status_code == 422
+    assert "published_since" in response.text
 
 
 def test_unknown_ids_are_404(http):
@@ -200,6 +215,13 @@ def test_search_cli(world):
     assert result.exit_code == 0, result.output
     assert [hit["project_id"] for hit in json.loads(result.stdout)["results"]] == \
         world.nearest(world.users[1], np.arange(300) < 168)[:20]
+    since = (datetime.now(UTC) - timedelta(hours=10)).replace(microsecond=0, tzinfo=None)
+    result = runner.invoke(cli, ["search", "for-user", "--user-id", str(FIRST_USER + 1),
+                                 "--published-since", since.isoformat(), "--k", "50"], env=env)
+    assert result.exit_code == 0, result.output
+    keep = world.published >= epoch_ms(since)
+    assert [hit["project_id"] for hit in json.loads(result.stdout)["results"]] == \
+        world.nearest(world.users[1], keep)
 
 
 def test_search_cli_errors(world):
@@ -212,6 +234,10 @@ def test_search_cli_errors(world):
     result = runner.invoke(cli, ["search", "similar"], env=env)
     assert result.exit_code == 2
     assert "exactly one of --project-id and --image" in result.stderr
+    result = runner.invoke(cli, ["search", "for-user", "--user-id", "1", "--published-since",
+                                 "last week"], env=env)
+    assert result.exit_code == 2
+    assert "--published-since" in result.stderr
 
 
 # -- a real process ---------------------------------------------------------------------
