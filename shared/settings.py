@@ -139,9 +139,14 @@ class Settings(BaseSettings):
     embed_model_poll_s: float = Field(10.0, gt=0, description="how often to look for a new CNN")
     embed_drop_grace_s: float = Field(300.0, ge=0,
                                       description="keep a replaced collection this long")
+    embed_index_wait_s: float = Field(
+        600.0, ge=0, description="a backfill waits this long for its HNSW index before it "
+        "swaps anyway, loaded and counted (queries scan unindexed rows until it is built)")
     embed_retry_max_s: float = Field(30.0, gt=0, description="backoff cap for outages")
     embed_recent_window_s: float = Field(
         300.0, ge=0, description="stream events a new backfill re-applies (ingest may lag)")
+    embed_standby_poll_s: float = Field(
+        2.0, gt=0, description="how often a standby replica tries to take the leader lock")
 
     # CNN refresh (services/refresh/cnn): image -> latent factor.
     cnn_mode: Literal["regress", "pseudo-class"] = "regress"

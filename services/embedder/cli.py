@@ -11,7 +11,8 @@ import typer
 def main(
     drain: bool = typer.Option(
         False, "--drain",
-        help="Do any pending backfill and alias swap, catch up on the stream, exit."),
+        help="Do any pending backfill and alias swap, catch up on the stream, exit "
+        "(after waiting for the leader lock, like any replica)."),
 ) -> None:
     """Embed live projects with the promoted CNN into Milvus and keep them current."""
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: halves CPU/image
@@ -20,13 +21,15 @@ def main(
     settings, log = start_service("embed", consumer_group_setting="embed_group",
                                   needs_milvus=True)
     from services.embedder.encode import use_threads
-    from services.embedder.service import Embedder, install_signal_handlers  # torch: slow
+    from services.embedder.leader import Replica, install_signal_handlers  # torch: slow
 
     use_threads(settings.embed_torch_threads)
     # pymilvus logs every failed RPC with a traceback; outages are logged once per interval.
     logging.getLogger("pymilvus").setLevel(logging.CRITICAL)
-    embedder = Embedder(settings, drain=drain)
-    install_signal_handlers(embedder)
-    code = embedder.run()
+    # Replicas are active/standby: this waits for the leader lock before touching Kafka or
+    # Milvus, and goes back to waiting if it loses the lock.
+    replica = Replica(settings, drain=drain)
+    install_signal_handlers(replica)
+    code = replica.run()
     log.info("exit %d", code)
     raise SystemExit(code)

@@ -18,5 +18,10 @@ DB_ERRORS = Counter("cofeat_embed_db_errors_total", "Failed database calls (retr
 LIVE_MODEL = Gauge("cofeat_embed_live_model_version", "CNN version behind the projects alias")
 BACKFILL_ROWS = Gauge("cofeat_embed_backfill_rows", "Rows written into the collection being built")
 SWAPS = Counter("cofeat_embed_alias_swaps_total", "Alias moves", ["kind"])
+INDEX_WAIT_EXCEEDED = Counter(
+    "cofeat_embed_index_wait_exceeded_total",
+    "Backfills swapped in before their index caught up (COFEAT_EMBED_INDEX_WAIT_S)")
 DROPS = Counter("cofeat_embed_collections_dropped_total", "Replaced collections dropped")
 LAG = Gauge("cofeat_embed_lag", "High watermark minus position", ["topic", "partition"])
+LEADER = Gauge("cofeat_embed_leader", "1 while this replica holds the embedder lock, "
+               "0 while it waits as a standby")

@@ -3,14 +3,15 @@
 Everything runs in one thread, in that order, so stream writes and backfill writes never
 race: a backfill is a sequence of short steps between stream batches (each about
 COFEAT_EMBED_BACKFILL_STEP_S long, which bounds how long a new project waits), and the alias
-moves right after its verification, with no stream write in between.
+moves right after its verification, with no stream write in between. Only the replica that
+holds the leader lock runs this loop (services/embedder/leader.py); it stops at the next
+turn after losing the lock, and asks Postgres again right before an alias swap or a drop.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import signal
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -25,6 +26,7 @@ from services.embedder.stream import Polled, Recent, Stream, latest_per_project
 from shared import milvus as contract
 from shared.cnn import cnn_version, current_cnn_version
 from shared.db.connect import connect
+from shared.db.locks import SessionLock
 from shared.db.store import load_offsets
 from shared.events import ProjectEvent
 from shared.logs import bind
@@ -36,11 +38,14 @@ BACKFILL_POLL_MS = 50  # a fetch round trip to a broker on busy cores
 
 
 class Embedder:
-    def __init__(self, settings: Settings, drain: bool = False):
+    def __init__(self, settings: Settings, drain: bool = False,
+                 lock: SessionLock | None = None):
         self.settings, self.drain = settings, drain
         self.stopping = False
         self.failed = False
-        self.milvus = mv.Milvus(settings, lambda: self.stopping)
+        self.lock = lock  # None: no leader election (tests of the loop alone)
+        self.lost = False  # the leader lock is gone: another replica may be writing
+        self.milvus = mv.Milvus(settings, self.halted)
         self.db_outage = mv.Outage("database", settings.embed_retry_max_s)
         self.conn: psycopg.Connection | None = None
         self.stream: Stream | None = None
@@ -81,7 +86,7 @@ class Embedder:
             with contextlib.suppress(psycopg.Error):
                 self.conn.close()
         self.conn = None
-        if mv.sleep_unless(lambda: self.stopping, self.db_outage.failed(error)):
+        if mv.sleep_unless(self.halted, self.db_outage.failed(error)):
             raise mv.Stopped
 
     def load_offsets(self, wanted: list[tuple[str, int]]) -> dict | None:
@@ -141,6 +146,7 @@ class Embedder:
             self.backfill.abandon()
             self.backfill = None
         if projects or users:
+            self.confirm_leading()  # a backfill starts by dropping leftovers of its version
             try:
                 self.start_backfill(row, projects, users)
             except (OSError, ValueError, RuntimeError) as error:
@@ -171,6 +177,7 @@ class Embedder:
             self.backfill.abandon()
             self.backfill, self.failed = None, True
             return
+        self.confirm_leading()
         for name in self.backfill.swap():
             self.retirement.schedule(name)
         if self.backfill.build_projects:
@@ -289,21 +296,22 @@ class Embedder:
     def run(self) -> int:
         try:
             self.discover()
-            while not self.stopping:
+            while not self.halted():
                 self.check_model()
                 if not self.writers():
                     if self.drain:
                         log.info("no promoted CNN version and no collection: nothing to do")
                         break
-                    mv.sleep_unless(lambda: self.stopping, 1.0)
+                    mv.sleep_unless(self.halted, 1.0)
                     continue
                 self.step()
                 if self.drain and self.drained():
                     log.info("backfills done and caught up on every partition; draining done")
                     break
         except mv.Stopped:
-            log.info("stopped while waiting for a server; the unacknowledged batch will be "
-                     "replayed")
+            if not self.lost:
+                log.info("stopped while waiting for a server; the unacknowledged batch will "
+                         "be replayed")
         finally:
             self.close()
         self.meter.summary()
@@ -319,6 +327,9 @@ class Embedder:
         self.meter.tick()
 
     def drop_retired(self) -> None:
+        now = time.monotonic()
+        if any(deadline <= now for deadline in self.retirement.due.values()):
+            self.confirm_leading()
         self.retirement.drop_due(self.milvus)
 
     def drained(self) -> bool:
@@ -329,6 +340,28 @@ class Embedder:
 
     def stop(self, *_args) -> None:
         self.stopping = True
+
+    # -- leadership ----------------------------------------------------------------------
+
+    def leading(self, force: bool = False) -> bool:
+        """False from the moment the leader lock is found gone (at most one check a second
+        unless `force`d): its session ended, so a standby may have taken over."""
+        if self.lock is None or self.lost:
+            return not self.lost
+        if not self.lock.held(force):
+            self.lost = True
+            log.error("lost the embedder lock (its database session ended): stepping down, "
+                      "no more writes; unacknowledged events will be replayed by the leader")
+        return not self.lost
+
+    def halted(self) -> bool:
+        """Stop the loop and every retry wait: asked to stop, or no longer the leader."""
+        return self.stopping or not self.leading()
+
+    def confirm_leading(self) -> None:
+        # Alias moves and drops cannot be replayed harmlessly: ask Postgres, not the cache.
+        if not self.leading(force=True):
+            raise mv.Stopped
 
     def close(self) -> None:
         if self.stream is not None:
@@ -398,8 +431,3 @@ class Meter:
     def summary(self) -> None:
         log.info("stopped: %d stream images in %.1f s", self.total,
                  time.monotonic() - self.started)
-
-
-def install_signal_handlers(embedder: Embedder) -> None:
-    signal.signal(signal.SIGTERM, embedder.stop)
-    signal.signal(signal.SIGINT, embedder.stop)

@@ -11,9 +11,10 @@ from typing import TypeVar
 import psycopg
 
 from services.refresh import metrics as refresh_metrics
-from services.refresh.versions import advisory_lock, remove_orphans
+from services.refresh.versions import remove_orphans
 from shared.db.connect import connect
 from shared.db.engine import make_engine, require_current_schema
+from shared.db.locks import advisory_lock
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -1,12 +1,11 @@
-"""What factor and CNN versions share: a per-kind refresh lock and crash cleanup."""
+"""What factor and CNN versions share: crash cleanup (the per-kind refresh lock is
+shared.db.locks.advisory_lock)."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import re
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
@@ -15,20 +14,6 @@ from shared.artifacts import models_dir, remove_stale_tmp
 
 log = logging.getLogger(__name__)
 _VERSION_DIR = re.compile(r"^v(\d+)$")
-
-
-@contextlib.contextmanager
-def advisory_lock(conn: psycopg.Connection, key: int) -> Iterator[bool]:
-    """True while this session holds the lock; False if another run holds it. A session
-    lock, so it dies with the connection if the process does."""
-    got = conn.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()[0]
-    conn.commit()
-    try:
-        yield got
-    finally:
-        if got and not conn.closed:
-            conn.execute("SELECT pg_advisory_unlock(%s)", (key,))
-            conn.commit()
 
 
 def remove_orphans(conn: psycopg.Connection, data_dir: Path, kind: str) -> list[Path]:

@@ -12,9 +12,9 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from services.refresh.factors.versions import clean, reserve_id
-from services.refresh.versions import advisory_lock
 from shared.artifacts import atomic_dir, version_dir, write_json
 from shared.cnn import MODEL_FILE
+from shared.db.locks import advisory_lock
 
 log = logging.getLogger(__name__)
 KIND = "cnn"

@@ -17,8 +17,8 @@ from pathlib import Path
 import psycopg
 from psycopg.types.json import Jsonb
 
-from services.refresh.versions import advisory_lock
 from shared.artifacts import atomic_dir, version_dir
+from shared.db.locks import advisory_lock
 from shared.factors import Factors, write_factors
 
 log = logging.getLogger(__name__)
