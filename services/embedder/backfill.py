@@ -127,8 +127,25 @@ class Backfill:
 
     def _ready(self, name: str) -> bool:
         """Loaded, and the sealed rows indexed: a swap must not leave queries scanning."""
-        loaded = mv.ensure_loading(self.milvus, name) == "Loaded"
-        return loaded and (not self.sealed[name] or mv.index_caught_up(self.milvus, name))
+        if mv.ensure_loading(self.milvus, name) != "Loaded":
+            return False
+        if not self.sealed[name] or mv.index_caught_up(self.milvus, name):
+            return True
+        return self._index_overdue(name)
+
+    def _index_overdue(self, name: str) -> bool:
+        """Past COFEAT_EMBED_INDEX_WAIT_S the swap goes ahead unindexed: an index that never
+        reports caught up (every sealed row deleted and compacted away, a stuck index
+        node) must not keep the new model from serving forever. The row count is still
+        checked, and Milvus goes on indexing; queries only scan until it is done."""
+        waited = time.monotonic() - self.filled_at
+        if waited < self.settings.embed_index_wait_s:
+            return False
+        log.warning("%s: index not caught up after %.0f s (COFEAT_EMBED_INDEX_WAIT_S): "
+                    "swapping anyway; queries scan its unindexed rows until Milvus is done",
+                    name, waited)
+        metrics.INDEX_WAIT_EXCEEDED.inc()
+        return True
 
     def _names(self) -> list[str]:
         return ([self.projects] if self.build_projects else []) + (

@@ -177,3 +177,40 @@ def test_backfill_prefers_newer_stream_states_over_postgres(esettings, db_url):
     assert set(found) == {1, 3, 4, 50}
     want = expected_vectors(settings, version, [newer])[0]
     assert np.dot(found[1]["embedding"], want) > 0.999  # not Postgres' older image
+
+
+def test_an_index_that_never_catches_up_delays_the_swap_only_so_long(esettings, db_url):
+    """Rows Milvus never persists (here: a collection that was never sealed) keep
+    describe_index at 0 indexed of 0 rows, as when every sealed row was deleted and
+    compacted away: the backfill waits COFEAT_EMBED_INDEX_WAIT_S, then swaps loaded."""
+    import time
+
+    import psycopg
+
+    from services.embedder import collections as mv
+    from services.embedder.backfill import Backfill
+    from services.embedder.encode import Encoder
+    from shared.cnn import cnn_version
+
+    settings = esettings.model_copy(update={"embed_index_wait_s": 3.0})
+    version = make_cnn(settings, db_url, seed=2)
+    milvus = mv.Milvus(settings)
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        backfill = Backfill(settings, milvus, lambda: conn,
+                            Encoder(settings, cnn_version(conn, version)), True, False)
+        backfill.start()
+        name = backfill.projects
+        rows_in = [{"project_id": i, "embedding": [1.0] + [0.0] * 7, "model_version": version,
+                    "owner_id": 1, "published_at": 0} for i in range(3)]
+        mv.upsert(milvus, [name], rows_in, 100)
+        milvus.call(lambda c: c.create_index(name, contract.index_params(settings)))
+        mv.load(milvus, name)
+        backfill.sealed, backfill.filled_at = {name: 3}, time.monotonic()
+        while mv.ensure_loading(milvus, name) != "Loaded":
+            time.sleep(0.2)
+        assert not mv.index_caught_up(milvus, name)
+        assert not backfill._ready(name)  # loaded, but the index has not caught up yet
+        time.sleep(3.0)
+        assert backfill._ready(name)  # waited long enough: swap unindexed
+        backfill.abandon()
+    milvus.close()
