@@ -30,6 +30,7 @@ from shared.factors import factor_version, load_factors
 from shared.settings import Settings
 
 log = logging.getLogger("cofeat.embed")
+States = dict[int, tuple[int, str]]  # project_id -> (state ts, image uri) in a collection
 
 
 class BackfillFailed(RuntimeError):
@@ -52,6 +53,7 @@ class Backfill:
         self.start_seq = 0  # project_events.seq when the backfill started
         self.after = -1  # keyset cursor over projects.project_id
         self.touched: dict[int, int] = {}  # project_id -> ts of the state written here
+        self.states: States = {}  # project_id -> (ts, image) of the row written here
         self.written: set[int] = set()
         self.user_vectors, self.user_ids = np.zeros((0, 0), np.float32), np.zeros(0, np.int64)
         self.user_rows = 0  # users written so far
@@ -223,6 +225,7 @@ class Backfill:
         # Upserts even into a fresh collection: a call that timed out may still have been
         # applied, and Milvus does not deduplicate inserted primary keys.
         mv.upsert(self.milvus, [self.projects], result.rows, self.settings.embed_insert_rows)
+        self.record(items, result.rows)
         self.written.update(row["project_id"] for row in result.rows)
         metrics.BACKFILL_ROWS.set(len(self.written))
 
@@ -232,6 +235,14 @@ class Backfill:
         self.touch(deleted)
         self.written.update(upserted)
         self.written.difference_update(deleted)
+        for project_id in deleted:
+            self.states.pop(project_id, None)
+
+    def record(self, items: list[Item], rows: list[dict]) -> None:
+        """The states behind the rows just written, for `unwritten`."""
+        done = {row["project_id"] for row in rows}
+        self.states.update({item.project_id: (item.ts_ms, item.image_uri) for item in items
+                            if item.project_id in done})
 
     def touch(self, states: dict[int, int]) -> None:
         """States at least this new were handled here (written, deleted, or failed and
@@ -300,6 +311,22 @@ class Backfill:
         for name in self._names():
             if not mv.aliased(self.milvus, name):
                 mv.drop(self.milvus, name)
+
+
+def unwritten(items: list[Item], states: States | None) -> list[Item]:
+    """The items whose state a collection does not hold yet. The stream re-reads events a
+    backfill already embedded from Postgres (a first model going live after minutes of
+    backlog, a stream that joined mid-backfill): embedding each again delayed the new
+    events behind them by seconds. A newer state written there wins as well."""
+    if not states:
+        return items
+
+    def held(item: Item) -> bool:
+        state = states.get(item.project_id)
+        return state is not None and (state[0] > item.ts_ms
+                                      or state == (item.ts_ms, item.image_uri))
+
+    return [item for item in items if not held(item)]
 
 
 def event_item(event: ProjectEvent, published: dict[int, int]) -> Item:

@@ -20,7 +20,14 @@ import psycopg
 
 from services.embedder import collections as mv
 from services.embedder import failures, metrics
-from services.embedder.backfill import Backfill, BackfillFailed, event_item, log_failures
+from services.embedder.backfill import (
+    Backfill,
+    BackfillFailed,
+    States,
+    event_item,
+    log_failures,
+    unwritten,
+)
 from services.embedder.encode import Encoder, Item
 from services.embedder.stream import Polled, Recent, Stream, latest_per_project
 from shared import milvus as contract
@@ -52,6 +59,9 @@ class Embedder:
         self.encoders: dict[int, Encoder] = {}
         self.live: Encoder | None = None  # the model behind the projects alias
         self.live_collection: str | None = None
+        # What the backfill behind the live collection wrote, until the stream catches up
+        # with the backlog it re-reads (see backfill.unwritten).
+        self.live_states: States | None = None
         # Events produced before any model was live could not be searchable in seconds:
         # freshness counts those produced after this (0: a model was live when we started).
         self.searchable_since_ms: float | None = None
@@ -185,6 +195,7 @@ class Embedder:
                 self.searchable_since_ms = time.time() * 1000
                 log.info("first model live: freshness is measured from now on")
             self.live, self.live_collection = self.backfill.encoder, self.backfill.projects
+            self.live_states = self.backfill.states
             metrics.LIVE_MODEL.set(self.live.version)
             bind(model_version=self.live.version)
             self.encoders = {self.live.version: self.live}
@@ -201,13 +212,15 @@ class Embedder:
             if target:
                 mv.ensure_loading(self.milvus, target)
 
-    def writers(self) -> list[tuple[Encoder, list[str], bool]]:
-        """(model, collections, is the backfill) for every collection writes must reach."""
+    def writers(self) -> list[tuple[Encoder, list[str], bool, States | None]]:
+        """(model, collections, is the backfill, states they hold) for every collection
+        writes must reach."""
         out = []
         if self.live is not None:
-            out.append((self.live, [self.live_collection], False))
+            out.append((self.live, [self.live_collection], False, self.live_states))
         if self.backfill is not None and self.backfill.targets():
-            out.append((self.backfill.encoder, self.backfill.targets(), True))
+            out.append((self.backfill.encoder, self.backfill.targets(), True,
+                        self.backfill.states))
         return out
 
     # -- writing -------------------------------------------------------------------------
@@ -215,23 +228,26 @@ class Embedder:
     def upsert_items(self, items: list[Item], phase: str) -> list[tuple[Item, str]]:
         """Embed with every writer's model and upsert; returns the failed items."""
         failed: dict[int, tuple[Item, str]] = {}
-        for encoder, names, is_backfill in self.writers():
-            result = encoder.embed(items)
+        for encoder, names, is_backfill, states in self.writers():
+            todo = unwritten(items, states)
+            metrics.ALREADY_WRITTEN.inc(len(items) - len(todo))
+            result = encoder.embed(todo)
             mv.upsert(self.milvus, names, result.rows, self.settings.embed_insert_rows)
             failed.update({item.project_id: (item, why) for item, why in result.failed})
             if is_backfill:
-                ts = {item.project_id: item.ts_ms for item in items}
+                ts = {item.project_id: item.ts_ms for item in todo}
                 self.backfill.note({r["project_id"]: ts[r["project_id"]] for r in result.rows},
                                    {})
+                self.backfill.record(todo, result.rows)
                 self.backfill.touch({i.project_id: i.ts_ms for i, _ in result.failed})
             else:
-                self.meter.images(len(items), result.seconds)
-                metrics.IMAGES.labels(phase).inc(len(items))
+                self.meter.images(len(todo), result.seconds)
+                metrics.IMAGES.labels(phase).inc(len(todo))
         return list(failed.values())
 
     def delete_ids(self, deleted: list[ProjectEvent]) -> None:
         ids = [e.project_id for e in deleted]
-        for _, names, is_backfill in self.writers():
+        for _, names, is_backfill, _ in self.writers():
             mv.delete(self.milvus, names, ids)
             if is_backfill:
                 self.backfill.note({}, {e.project_id: e.ts_ms for e in deleted})
@@ -266,6 +282,8 @@ class Embedder:
         polled = self.stream.poll(timeout)
         if polled.next_offsets:
             self.apply(polled)
+        if self.live_states is not None and self.stream.caught_up():
+            self.live_states = None  # the backlog a backfill covered is behind us
         self.stream.rewind_truncated()
         self.stream.report_lag()
 

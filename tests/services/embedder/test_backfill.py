@@ -214,3 +214,54 @@ def test_an_index_that_never_catches_up_delays_the_swap_only_so_long(esettings, 
         assert backfill._ready(name)  # waited long enough: swap unindexed
         backfill.abandon()
     milvus.close()
+
+
+def test_the_stream_skips_states_the_backfill_already_embedded(esettings, db_url):
+    """A stream that (re)reads the events behind a backfill's Postgres rows, as the first
+    model going live after a backlog does, embeds only what the backfill did not write."""
+    import time
+
+    from services.embedder import metrics
+    from shared.events import ProjectEvent
+    from tests.helpers import Producer
+    from tests.services.embedder.conftest import NOW_MS, expected_vectors, make_image, rows
+
+    ensure_topics(esettings)
+    images, ts = esettings.data_dir / "images", NOW_MS() - 60_000
+    images.mkdir(exist_ok=True)
+    paths = {pid: make_image(images / f"{pid}.png", pid) for pid in range(1, 7)}
+    insert_projects(db_url, [(pid, 7, path) for pid, path in paths.items()], ts_ms=ts)
+    version = make_cnn(esettings, db_url, seed=3)
+    embedder = Embedder(esettings, drain=True)
+    embedder.discover()
+    embedder.check_model()
+    while embedder.backfill.phase == "fill":  # the backfill writes Postgres' rows first
+        embedder.backfill.step()
+
+    newer = make_image(images / "3-new.png", 33)
+    events = [ProjectEvent(f"p{pid}", "published", pid, 7, path, ts)
+              for pid, path in paths.items()]
+    events += [ProjectEvent("u3", "updated", 3, 7, newer, ts + 1000),  # Postgres lags
+               ProjectEvent("p50", "published", 50, 7, paths[1], ts)]  # not in Postgres yet
+    producer = Producer(esettings)
+    producer.projects_(events)
+    producer.flush()
+    producer.close()
+    skipped_before = metrics.ALREADY_WRITTEN._value.get()
+    deadline = time.monotonic() + 60
+    try:
+        while not (embedder.drained() and embedder.live is not None):
+            assert time.monotonic() < deadline, "the embedder did not drain in 60 s"
+            embedder.step()
+    finally:
+        embedder.close()
+
+    # Projects 1, 2, 4, 5, 6 (and 3's first event, when it came in a batch of its own).
+    assert metrics.ALREADY_WRITTEN._value.get() - skipped_before >= 5
+    c = client(esettings)
+    found = rows(c, contract.alias(esettings, PROJECTS))
+    c.close()
+    assert set(found) == {1, 2, 3, 4, 5, 6, 50}
+    want = expected_vectors(esettings, version, [newer, paths[1]])
+    assert np.dot(found[3]["embedding"], want[0]) > 0.999  # the stream's newer image
+    assert np.dot(found[50]["embedding"], want[1]) > 0.999

@@ -53,7 +53,7 @@ def test_standby_takes_over_from_a_killed_leader(esettings, db_url, tmp_path):
         producer.flush()
 
     a = start_embed(esettings, log_a, COFEAT_METRICS_PORT=str(port_a), **POLL)
-    b = None
+    b = standby = None
     try:
         wait_until(lambda: alias_target(c, esettings, contract.PROJECTS) is not None, 90,
                    "A's backfill")
@@ -95,7 +95,7 @@ def test_standby_takes_over_from_a_killed_leader(esettings, db_url, tmp_path):
     finally:
         producer.close()
         c.close()
-        for proc in (a, b):
+        for proc in (a, b, standby):
             if proc is not None and proc.poll() is None:
                 proc.kill()
                 proc.wait(10)
@@ -116,6 +116,6 @@ def test_standby_rides_out_an_unreachable_database_and_stops(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="cofeat.embed"):
         assert replica.run() == 0
     timer.join()
-    assert time.monotonic() - started < 3.0
+    assert time.monotonic() - started < 5.0  # stopped while waiting, not after a backoff
     assert replica.embedder is None and not replica.lock.held()
     assert "database unavailable" in caplog.text
