@@ -6,9 +6,14 @@ import logging
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, Gauge, generate_latest
 
 log = logging.getLogger(__name__)
+
+# One name across services (refresh promotes, embed and serve load), so a dashboard or an
+# alert can compare them: kind is "factors" or "cnn", service the one reporting.
+MODEL_VERSION = Gauge("cofeat_model_version", "Id of the promoted / loaded version",
+                      ["kind", "service"])
 
 
 class Health:

@@ -2,6 +2,8 @@
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from shared.metrics import MODEL_VERSION
+
 EVENTS = Counter("cofeat_embed_events_total", "Project events consumed", ["result"])
 FRESHNESS = Histogram(
     "cofeat_embed_freshness_seconds",
@@ -28,3 +30,8 @@ DROPS = Counter("cofeat_embed_collections_dropped_total", "Replaced collections 
 LAG = Gauge("cofeat_embed_lag", "High watermark minus position", ["topic", "partition"])
 LEADER = Gauge("cofeat_embed_leader", "1 while this replica holds the embedder lock, "
                "0 while it waits as a standby")
+
+
+def live_model(version: int) -> None:
+    LIVE_MODEL.set(version)
+    MODEL_VERSION.labels("cnn", "embed").set(version)

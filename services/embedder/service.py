@@ -129,7 +129,7 @@ class Embedder:
             self.live, self.live_collection = live, target
             self.searchable_since_ms = 0.0
             bind(model_version=live.version)
-            metrics.LIVE_MODEL.set(version)
+            metrics.live_model(version)
             log.info("serving %s (CNN v%d) through alias %s", target, version, alias)
         elif target:
             log.warning("alias %s is on %s, which names no CNN version: it will be replaced",
@@ -196,7 +196,7 @@ class Embedder:
                 log.info("first model live: freshness is measured from now on")
             self.live, self.live_collection = self.backfill.encoder, self.backfill.projects
             self.live_states = self.backfill.states
-            metrics.LIVE_MODEL.set(self.live.version)
+            metrics.live_model(self.live.version)
             bind(model_version=self.live.version)
             self.encoders = {self.live.version: self.live}
         self.backfill = None

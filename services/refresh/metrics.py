@@ -7,12 +7,12 @@ import time
 
 from prometheus_client import Gauge
 
+from shared.metrics import MODEL_VERSION
+
 LAST_SUCCESS = Gauge("cofeat_refresh_last_success_timestamp_seconds",
                      "When the last version was promoted", ["kind"])
 LAST_DURATION = Gauge("cofeat_refresh_last_duration_seconds", "Wall time of the last run",
                       ["kind"])
-MODEL_VERSION = Gauge("cofeat_model_version", "Id of the promoted / loaded version",
-                      ["kind", "service"])
 
 
 def record_run(kind: str, seconds: float, status: str, version_id: int | None) -> None:

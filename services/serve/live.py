@@ -18,6 +18,7 @@ from PIL import Image
 
 from shared.client import CofeatClient
 from shared.logs import bind
+from shared.metrics import MODEL_VERSION
 from shared.settings import Settings, SettingsError
 
 log = logging.getLogger("cofeat.serve")
@@ -63,6 +64,7 @@ class ModelHolder:
 
                 model, _meta = load_cnn(self.settings.data_dir, row, device="cpu")
                 self.live = LiveModel(int(row["id"]), model)
+                MODEL_VERSION.labels("cnn", "serve").set(self.live.version)
                 bind(model_version=self.live.version)
                 log.info("serving CNN version %d for image search", row["id"])
             return self.live

@@ -223,6 +223,7 @@ def test_the_stream_skips_states_the_backfill_already_embedded(esettings, db_url
 
     from services.embedder import metrics
     from shared.events import ProjectEvent
+    from shared.metrics import MODEL_VERSION
     from tests.helpers import Producer
     from tests.services.embedder.conftest import NOW_MS, expected_vectors, make_image, rows
 
@@ -256,6 +257,8 @@ def test_the_stream_skips_states_the_backfill_already_embedded(esettings, db_url
     finally:
         embedder.close()
 
+    # What the version-skew alert compares with refresh's promoted version.
+    assert MODEL_VERSION.labels("cnn", "embed")._value.get() == version
     # Projects 1, 2, 4, 5, 6 (and 3's first event, when it came in a batch of its own).
     assert metrics.ALREADY_WRITTEN._value.get() - skipped_before >= 5
     c = client(esettings)

@@ -135,6 +135,8 @@ def test_model_follows_the_alias(settings, tmp_path):
     assert response.json()["query"]["cnn_version"] == second
     assert response.json()["results"][0]["project_id"] == 2
     assert models.live.version == second
+    assert http.get("/metrics").text.count(
+        f'cofeat_model_version{{kind="cnn",service="serve"}} {float(second)}') == 1
     assert old.version == first  # a request holding the old reference keeps a whole model
     # The users alias still names the first version: no scores across two vector spaces.
     with pytest.raises(NotFound, match="model version"):
