@@ -192,7 +192,7 @@ def test_an_index_that_never_catches_up_delays_the_swap_only_so_long(esettings, 
     from services.embedder.encode import Encoder
     from shared.cnn import cnn_version
 
-    settings = esettings.model_copy(update={"embed_index_wait_s": 3.0})
+    settings = esettings.model_copy(update={"embed_index_wait_s": 30.0})
     version = make_cnn(settings, db_url, seed=2)
     milvus = mv.Milvus(settings)
     with psycopg.connect(db_url, autocommit=True) as conn:
@@ -205,13 +205,14 @@ def test_an_index_that_never_catches_up_delays_the_swap_only_so_long(esettings, 
         mv.upsert(milvus, [name], rows_in, 100)
         milvus.call(lambda c: c.create_index(name, contract.index_params(settings)))
         mv.load(milvus, name)
-        backfill.sealed, backfill.filled_at = {name: 3}, time.monotonic()
+        backfill.sealed = {name: 3}
         while mv.ensure_loading(milvus, name) != "Loaded":
             time.sleep(0.2)
         assert not mv.index_caught_up(milvus, name)
+        backfill.filled_at = time.monotonic()  # filled just now
         assert not backfill._ready(name)  # loaded, but the index has not caught up yet
-        time.sleep(3.0)
-        assert backfill._ready(name)  # waited long enough: swap unindexed
+        backfill.filled_at -= 31.0  # filled longer ago than the wait allows
+        assert backfill._ready(name)  # swap unindexed
         backfill.abandon()
     milvus.close()
 
