@@ -150,13 +150,14 @@ class Embedder:
         projects = self.live is None or self.live.version != row["id"]
         users = projects or (self.users_unavailable != row["id"]
                              and self.users_version() != row["id"])
+        # Abandoning a backfill and starting one drop collections: only as the leader.
+        self.confirm_leading()
         if self.backfill is not None:
             log.info("CNN v%d superseded v%d while it was being backfilled", row["id"],
                      self.backfill.version)
             self.backfill.abandon()
             self.backfill = None
         if projects or users:
-            self.confirm_leading()  # a backfill starts by dropping leftovers of its version
             try:
                 self.start_backfill(row, projects, users)
             except (OSError, ValueError, RuntimeError) as error:
@@ -184,6 +185,7 @@ class Embedder:
         except BackfillFailed as error:
             log.error("backfill of v%d failed its check, starting over later: %s",
                       self.backfill.version, error)
+            self.confirm_leading()  # before the drop, like every other
             self.backfill.abandon()
             self.backfill, self.failed = None, True
             return
