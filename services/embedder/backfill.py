@@ -53,8 +53,7 @@ class Backfill:
         self.start_seq = 0  # project_events.seq when the backfill started
         self.after = -1  # keyset cursor over projects.project_id
         self.touched: dict[int, int] = {}  # project_id -> ts of the state written here
-        self.states: States = {}  # project_id -> (ts, image) of the row written here
-        self.written: set[int] = set()
+        self.states: States = {}  # project_id -> (ts, image) of each row written here
         self.user_vectors, self.user_ids = np.zeros((0, 0), np.float32), np.zeros(0, np.int64)
         self.user_rows = 0  # users written so far
         self.next_load_check = 0.0
@@ -200,18 +199,18 @@ class Backfill:
         self.pace = pace if not self.pace else (self.pace + pace) / 2
 
     def _request_load(self) -> None:
-        self.sealed = {self.projects: len(self.written), self.users: self.user_rows}
+        self.sealed = {self.projects: len(self.states), self.users: self.user_rows}
         for name in self._names():
             mv.request_index_and_load(self.milvus, self.settings, name)
         self.phase, self.filled_at = "loading", time.monotonic()
         log.info("backfill of v%d filled (%d projects, %d users): building index and loading",
-                 self.version, len(self.written), self.user_rows)
+                 self.version, len(self.states), self.user_rows)
 
     def _replay(self, events: list[ProjectEvent]) -> None:
         fresh = [e for e in events if self.touched.get(e.project_id, -1) < e.ts_ms]
         deleted = {e.project_id: e.ts_ms for e in fresh if e.type == "deleted"}
         mv.delete(self.milvus, [self.projects], list(deleted))
-        self.note({}, deleted)
+        self.note([], [], deleted)
         published = failures.published_ms(self.db(), [e.project_id for e in fresh])
         self._write_items([event_item(e, published) for e in fresh if e.type != "deleted"])
         self.touch({e.project_id: e.ts_ms for e in fresh})
@@ -226,15 +225,15 @@ class Backfill:
         # applied, and Milvus does not deduplicate inserted primary keys.
         mv.upsert(self.milvus, [self.projects], result.rows, self.settings.embed_insert_rows)
         self.record(items, result.rows)
-        self.written.update(row["project_id"] for row in result.rows)
-        metrics.BACKFILL_ROWS.set(len(self.written))
+        metrics.BACKFILL_ROWS.set(len(self.states))
 
-    def note(self, upserted: dict[int, int], deleted: dict[int, int]) -> None:
-        """The stream wrote these states ({project_id: event ts}) into our collection."""
-        self.touch(upserted)
+    def note(self, items: list[Item], rows: list[dict], deleted: dict[int, int]) -> None:
+        """The stream wrote `rows` (of `items`) and deleted these ({project_id: event ts})
+        in our collection."""
+        self.record(items, rows)
+        ts = {item.project_id: item.ts_ms for item in items}
+        self.touch({row["project_id"]: ts[row["project_id"]] for row in rows})
         self.touch(deleted)
-        self.written.update(upserted)
-        self.written.difference_update(deleted)
         for project_id in deleted:
             self.states.pop(project_id, None)
 
@@ -263,8 +262,8 @@ class Backfill:
 
     def _verify_projects(self) -> None:
         in_milvus = mv.count(self.milvus, self.projects)
-        if in_milvus != len(self.written):
-            raise BackfillFailed(f"{self.projects} holds {in_milvus} rows but {len(self.written)}"
+        if in_milvus != len(self.states):
+            raise BackfillFailed(f"{self.projects} holds {in_milvus} rows but {len(self.states)}"
                                  " were written: a write was lost")
         expected = failures.expected_count(self.db(), self.settings.embed_max_attempts)
         # Projects changed meanwhile, by our stream or by ingest, may legitimately differ

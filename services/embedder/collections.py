@@ -260,6 +260,10 @@ class Retirement:
     def cancel(self, name: str) -> None:
         self.due.pop(name, None)
 
+    def any_due(self) -> bool:
+        now = time.monotonic()
+        return any(deadline <= now for deadline in self.due.values())
+
     def drop_due(self, milvus: Milvus) -> list[str]:
         now, dropped = time.monotonic(), []
         for name, deadline in list(self.due.items()):

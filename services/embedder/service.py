@@ -237,10 +237,7 @@ class Embedder:
             mv.upsert(self.milvus, names, result.rows, self.settings.embed_insert_rows)
             failed.update({item.project_id: (item, why) for item, why in result.failed})
             if is_backfill:
-                ts = {item.project_id: item.ts_ms for item in todo}
-                self.backfill.note({r["project_id"]: ts[r["project_id"]] for r in result.rows},
-                                   {})
-                self.backfill.record(todo, result.rows)
+                self.backfill.note(todo, result.rows, {})
                 self.backfill.touch({i.project_id: i.ts_ms for i, _ in result.failed})
             else:
                 self.meter.images(len(todo), result.seconds)
@@ -252,7 +249,7 @@ class Embedder:
         for _, names, is_backfill, _ in self.writers():
             mv.delete(self.milvus, names, ids)
             if is_backfill:
-                self.backfill.note({}, {e.project_id: e.ts_ms for e in deleted})
+                self.backfill.note([], [], {e.project_id: e.ts_ms for e in deleted})
 
     def apply(self, polled: Polled) -> None:
         """One batch: Milvus first, then failures and offsets in one transaction."""
@@ -347,8 +344,7 @@ class Embedder:
         self.meter.tick()
 
     def drop_retired(self) -> None:
-        now = time.monotonic()
-        if any(deadline <= now for deadline in self.retirement.due.values()):
+        if self.retirement.any_due():
             self.confirm_leading()
         self.retirement.drop_due(self.milvus)
 

@@ -165,7 +165,7 @@ def test_backfill_prefers_newer_stream_states_over_postgres(esettings, db_url):
         backfill.start()
         backfill.step()  # the replayed events first
         mv.delete(milvus, backfill.targets(), [2])  # the stream deletes 2 meanwhile
-        backfill.note({}, {2: now})
+        backfill.note([], [], {2: now})
         while not backfill.step():
             pass
         backfill.verify()
