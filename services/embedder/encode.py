@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from services.embedder.states import State
 from shared.cnn import load_cnn
 from shared.events import InvalidEvent, image_path
 from shared.settings import Settings
@@ -27,21 +28,10 @@ log = logging.getLogger("cofeat.embed")
 WORKERS_FROM = 256
 
 
-@dataclass(frozen=True)
-class Item:
-    """One project to embed: what its Milvus row needs besides the vector."""
-
-    project_id: int
-    owner_id: int
-    published_ms: int
-    image_uri: str
-    ts_ms: int  # the state's own time: event ts or projects.updated_at
-
-
 @dataclass
 class Result:
     rows: list[dict]
-    failed: list[tuple[Item, str]]  # (item, reason)
+    failed: list[tuple[State, str]]  # (item, reason)
     seconds: float
 
 
@@ -64,7 +54,7 @@ def resolve(uri: str, data_dir: Path) -> Path:
     return path if path.is_absolute() else Path(data_dir) / path
 
 
-def load(item: Item, data_dir: Path, image_size: int) -> tuple[torch.Tensor | None, str]:
+def load(item: State, data_dir: Path, image_size: int) -> tuple[torch.Tensor | None, str]:
     """(tensor, "") or (None, reason): the model's input, or why there is none."""
     try:
         return preprocess(resolve(item.image_uri, data_dir), image_size), ""
@@ -92,7 +82,7 @@ class Encoder:
                  config.backbone, self.feature, self.dim, self.device)
 
     @torch.inference_mode()
-    def embed(self, items: list[Item]) -> Result:
+    def embed(self, items: list[State]) -> Result:
         started = time.perf_counter()
         size = self.model.config.image_size
         decoded = self._decode(items, size)
@@ -108,11 +98,11 @@ class Encoder:
                                                                              strict=True)]
         return Result(rows, failed, time.perf_counter() - started)
 
-    def _decode(self, items: list[Item], size: int) -> Iterator[tuple]:
+    def _decode(self, items: list[State], size: int) -> Iterator[tuple]:
         """Decoded images in order; a thread pool decodes ahead while the model runs
         (PIL releases the GIL while decoding; threads, unlike DataLoader processes, are
         not forked from a process holding gRPC and Kafka client threads)."""
-        def one(item: Item) -> tuple:
+        def one(item: State) -> tuple:
             return load(item, self.settings.data_dir, size)
 
         if self.pool is None or len(items) < WORKERS_FROM:
@@ -128,7 +118,7 @@ class Encoder:
         with autocast(batch.device):
             return self.model.embed(batch).float().cpu().numpy()
 
-    def row(self, item: Item, vector: np.ndarray) -> dict:
+    def row(self, item: State, vector: np.ndarray) -> dict:
         return {"project_id": item.project_id, "embedding": vector.tolist(),
                 "model_version": self.version, "owner_id": item.owner_id,
-                "published_at": item.published_ms}
+                "published_at": item.published_ms, "state_version": item.version}

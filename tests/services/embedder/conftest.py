@@ -60,6 +60,12 @@ def start_embed(settings: Settings, log: Path, *args: str, **extra) -> subproces
     return start(cofeat("embed", *args), env(settings, **extra), log)
 
 
+def start_ingest(settings: Settings, log: Path, **extra) -> subprocess.Popen:
+    """Ingest beside the embedder, as deployed: the embedder applies only what the store
+    holds, so events it reads wait until ingest has stored them."""
+    return start(cofeat("ingest"), env(settings, **extra), log)
+
+
 # -- model and factor versions ------------------------------------------------------------
 
 

@@ -30,6 +30,7 @@ from tests.services.embedder.conftest import (
     rows,
     seed_projects,
     start_embed,
+    start_ingest,
 )
 
 PROJECTS = contract.PROJECTS
@@ -59,6 +60,7 @@ def test_stream_publish_update_delete_and_bad_images(esettings, db_url, tmp_path
     v1 = make_cnn(settings, db_url, seed=1, factor_version=make_factors(settings, db_url, [1]))
     port = free_port()
     proc = start_embed(settings, tmp_path / "embed.log", COFEAT_METRICS_PORT=str(port))
+    ingest = start_ingest(settings, tmp_path / "ingest.log")
     c, producer = client(settings), Producer(settings)
     alias = contract.alias(settings, PROJECTS)
     images = settings.data_dir / "images"
@@ -107,7 +109,9 @@ def test_stream_publish_update_delete_and_bad_images(esettings, db_url, tmp_path
     finally:
         producer.close()
         proc.send_signal(signal.SIGTERM)
+        ingest.send_signal(signal.SIGTERM)
         code = proc.wait(30)
+        ingest.wait(30)
         c.close()
     assert code == 0
     with psycopg.connect(db_url) as conn:

@@ -1,0 +1,39 @@
+"""projects.state_version: one number per stored project state, so Milvus rows can say
+which state they were embedded from; embed_failures keep the state that failed
+
+Revision ID: 0005
+Revises: 0002
+Create Date: 2026-12-02
+"""
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0005"
+down_revision = "0002"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    op.execute("CREATE SEQUENCE project_state_version")
+    op.add_column("projects", sa.Column(
+        "state_version", sa.BigInteger, nullable=False,
+        server_default=sa.text("nextval('project_state_version')"),
+        comment="new on every state change (ingest); Milvus rows carry the one they show"))
+    # A failure belongs to one state: a newer state (a fixed image) is tried at once.
+    op.execute("DELETE FROM embed_failures")
+    op.add_column("embed_failures", sa.Column("state_version", sa.BigInteger, nullable=False))
+    for column in ("owner_id", "published_at", "event_ts"):
+        op.drop_column("embed_failures", column)
+
+
+def downgrade() -> None:
+    op.execute("DELETE FROM embed_failures")
+    op.drop_column("embed_failures", "state_version")
+    op.add_column("embed_failures", sa.Column("owner_id", sa.BigInteger, nullable=False))
+    op.add_column("embed_failures", sa.Column("published_at", sa.DateTime(timezone=True),
+                                              nullable=False))
+    op.add_column("embed_failures", sa.Column("event_ts", sa.DateTime(timezone=True),
+                                              nullable=False))
+    op.drop_column("projects", "state_version")
+    op.execute("DROP SEQUENCE project_state_version")
