@@ -21,7 +21,7 @@ def run_check(settings: Settings, repair: bool) -> tuple[int, dict]:
                             "itself every COFEAT_EMBED_RECONCILE_EVERY_S"}
     embedder = Embedder(settings, lock=lock if repair else None)
     try:
-        embedder.db.run(lambda conn: embedder.lifecycle.discover())
+        embedder.start()
         target = embedder.lifecycle.live
         if target is None:
             return 2, {"error": "no projects alias on a collection of a known CNN version"}

@@ -102,9 +102,12 @@ class Embedder:
 
     # -- the loop ------------------------------------------------------------------------
 
+    def start(self) -> None:
+        self.db.run(lambda conn: self.lifecycle.discover())
+
     def run(self) -> int:
         try:
-            self.db.run(lambda conn: self.lifecycle.discover())
+            self.start()
             while not self.halted() and not self.turn():
                 pass
         except mv.Stopped:
