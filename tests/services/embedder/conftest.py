@@ -11,6 +11,7 @@ import numpy as np
 import psycopg
 import pytest
 import torch
+from kafka import TopicPartition
 from PIL import Image
 from pymilvus import MilvusClient
 
@@ -258,9 +259,13 @@ def settle(embedder, platform: Platform | None = None, timeout_s: float = 90.0,
     deadline = time.monotonic() + timeout_s
 
     def read_all() -> bool:
-        read = embedder.stream.read_to if embedder.stream is not None else {}
-        return platform is None or all(read.get(tp, 0) >= offset
-                                       for tp, offset in platform.sent_to.items())
+        if platform is None:
+            return True
+        if embedder.stream is None or not embedder.stream.source.joined:
+            return False
+        consumer = embedder.stream.source.consumer
+        return all(consumer.position(TopicPartition(*tp)) >= offset
+                   for tp, offset in platform.sent_to.items())
 
     done = until or (lambda: (embedder.lifecycle.backfill is None
                               and embedder.lifecycle.live is not None
