@@ -29,7 +29,6 @@ from shared.factors import factor_version, load_factors
 from shared.settings import Settings
 
 log = logging.getLogger("cofeat.embed")
-REPAIR_ROUNDS = 3  # compare-and-repair rounds before a swap gives up and starts over
 
 
 class BackfillFailed(RuntimeError):
@@ -229,19 +228,20 @@ class Backfill:
                                      f"{self.user_rows}")
 
     def _verify_projects(self) -> None:
-        """Exactly what Postgres wants, id by id; changes that landed meanwhile are
-        repaired and the comparison runs again."""
-        for _ in range(REPAIR_ROUNDS):
-            drift = reconcile.compare(self.milvus, self.db, self.projects, self.version)
-            if not drift:
-                log.info("verified %s against Postgres: no missing, extra or stale row",
-                         self.projects)
-                return
+        """Exactly what Postgres wants, id by id. What differs is repaired, then looked at
+        again: a project whose Postgres state stayed put must now be right. One that moved
+        is in flight, and the stream writes it to both collections."""
+        drift = reconcile.compare(self.milvus, self.db, self.projects, self.version)
+        if drift:
             log.info("%s differs from Postgres before the swap (%s): repairing",
                      self.projects, drift.summary())
             self.write(states.wanted_for(self.db(), drift.ids()))
-        raise BackfillFailed(f"{self.projects} still differs from Postgres after "
-                             f"{REPAIR_ROUNDS} repairs: {drift.summary()}")
+            left = reconcile.confirm(self.milvus, self.db, self.projects, self.version, drift)
+            if left:
+                raise BackfillFailed(f"{self.projects} still differs from Postgres after a "
+                                     f"repair: {left.summary()}")
+        log.info("verified %s against Postgres: no missing, extra or stale row%s",
+                 self.projects, f" ({len(drift)} repaired)" if drift else "")
 
     def swap(self) -> list[str]:
         """Move the aliases (users first, then projects); returns the collections left."""

@@ -25,6 +25,7 @@ from tests.services.embedder.conftest import (
     rows,
     seed_projects,
     start_embed,
+    start_ingest,
 )
 from tests.services.embedder.test_stream import event, visible
 
@@ -109,6 +110,7 @@ def test_milvus_outage_loses_nothing(esettings, db_url, tmp_path):
         producer.flush()
 
     proc = start_embed(via_proxy, log)
+    ingest = start_ingest(esettings, tmp_path / "ingest.log")
     try:
         wait_until(lambda: alias_target(c, esettings, contract.PROJECTS) is not None, 90,
                    "backfill")
@@ -138,8 +140,9 @@ def test_milvus_outage_loses_nothing(esettings, db_url, tmp_path):
         assert visible(c, alias, range(300, 310)) == set(range(300, 310))
         assert stored_offsets(db_url, esettings.embed_group) == before + 20
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        for running in (proc, ingest):
+            if running.poll() is None:
+                running.kill()
         producer.close()
         c.close()
         proxy.close()
@@ -196,6 +199,7 @@ def test_milvus_restart_while_streaming_loses_nothing(esettings, db_url, tmp_pat
     log, group = tmp_path / "embed.log", esettings.embed_group
     alias = contract.alias(esettings, contract.PROJECTS)
     proc, c = start_embed(esettings, log), client(esettings)
+    ingest = start_ingest(esettings, tmp_path / "ingest.log")
     try:
         wait_until(lambda: alias_target(c, esettings, contract.PROJECTS) is not None, 90,
                    "backfill")
@@ -226,8 +230,10 @@ def test_milvus_restart_while_streaming_loses_nothing(esettings, db_url, tmp_pat
     finally:
         events.producer.close()
         c.close()
+        ingest.send_signal(signal.SIGTERM)
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(30)
+        ingest.wait(30)
     assert code == 0
     text = log.read_text()
     assert "milvus unavailable" in text and "milvus back after" in text
