@@ -120,6 +120,10 @@ class Settings(BaseSettings):
                                   "project keeps (0: off)")
     serve_cache_ttl_s: float = Field(5.0, ge=0, description="how long a kept vector is "
                                      "used: how much staler than Milvus it may be")
+    serve_image_concurrency: int = Field(2, ge=1, description="image queries decoding and "
+                                         "embedding at once (each may hold a decoded image)")
+    serve_image_wait_s: float = Field(2.0, ge=0, description="how long an image query waits "
+                                      "for a free slot before a 503 with Retry-After")
 
     # Embedder (services/embedder): Kafka -> CNN -> Milvus.
     embed_group: str = "cofeat-embed"
@@ -181,6 +185,18 @@ class Settings(BaseSettings):
             host, sep, port = server.strip().rpartition(":")
             if not sep or not host or not port.isdigit():
                 raise ValueError("must be host:port[,host:port...]")
+        return value
+
+    @field_validator("api_token")
+    @classmethod
+    def _api_token_not_blank(cls, value: SecretStr | None) -> SecretStr | None:
+        # Blank must not read as "no authentication": unset the variable for that. A bearer
+        # header cannot carry surrounding whitespace, so such a token could never match.
+        token = value.get_secret_value() if value is not None else None
+        if token is not None and not token.strip():
+            raise ValueError("is empty or blank; unset it to serve without authentication")
+        if token is not None and token.strip() != token:
+            raise ValueError("starts or ends with whitespace")
         return value
 
     @field_validator("database_url")
