@@ -17,7 +17,7 @@ log = logging.getLogger("cofeat.demo")
 DEMO_ENV = {
     "small": {"COFEAT_CNN_BACKBONE": "small", "COFEAT_CNN_IMAGE_SIZE": "64",
               "COFEAT_CNN_EPOCHS": "8", "COFEAT_CNN_REFRESH_EPOCHS": "2",
-              "COFEAT_ALS_FACTORS": "32", "COFEAT_RUN_REFRESH_EVERY": "60s"},
+              "COFEAT_ALS_FACTORS": "32", "COFEAT_REFRESH_EVERY": "60s"},
     # ~310 projects train on tiny: batches of 32 for 10 epochs are ~100 optimizer steps;
     # 3 epochs of 64 (15 steps) left features worse than random weights.
     "tiny": {"COFEAT_CNN_BACKBONE": "small", "COFEAT_CNN_IMAGE_SIZE": "32",
@@ -25,7 +25,7 @@ DEMO_ENV = {
              "COFEAT_CNN_REFRESH_EPOCHS": "1",
              "COFEAT_ALS_FACTORS": "16", "COFEAT_ALS_ITERATIONS": "8",
              "COFEAT_FILTER_MIN_USER_COUNT": "2", "COFEAT_FILTER_MIN_ITEM_COUNT": "2",
-             "COFEAT_RUN_REFRESH_EVERY": "15s"},
+             "COFEAT_REFRESH_EVERY": "15s"},
 }
 # Slow enough that refreshes and the embedder's model swaps happen while events stream,
 # and new projects keep arriving after a model is live (freshness is measured on them).
