@@ -86,7 +86,7 @@ def _similar_to_image(settings: Settings, client, image: Path, k: int):
     try:
         models.refresh()
         live = models.require()
-        vector = embed_bytes(live, image.read_bytes(), settings.serve_max_image_pixels)
+        vector = embed_bytes(live, image.read_bytes(), settings)
     except (NoModel, BadImage) as error:
         _fail(f"{image}: {error}" if isinstance(error, BadImage) else str(error))
     finally:

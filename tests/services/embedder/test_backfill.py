@@ -61,7 +61,7 @@ def test_backfill_then_swap_under_concurrent_queries(esettings, db_url):
     settings = esettings.model_copy(update={"embed_drop_grace_s": 30.0})
     ensure_topics(settings)
     seed_projects(settings, db_url, 30)
-    insert_projects(db_url, [(31, 5, make_corrupt(settings.data_dir / "bad.png"))])
+    insert_projects(db_url, [(31, 5, make_corrupt(settings.data_dir / "images" / "bad.png"))])
     factors = make_factors(settings, db_url, range(1, 21))
     v1 = make_cnn(settings, db_url, seed=1, factor_version=factors)
 
