@@ -99,6 +99,33 @@ def test_encoder_keeps_good_rows_and_names_each_failure(encoder, tmp_path):
     assert np.allclose(result.rows[0]["embedding"], result.rows[2]["embedding"])
 
 
+def test_attacks_and_bombs_fail_alone_with_one_reason_and_little_memory(encoder, tmp_path):
+    """Issue 14: a 13000 x 13000 PNG took the embedder to 4.1 GiB; paths outside the data
+    directory were embedded; "no such file" and "not an image" told which files exist."""
+    import os
+
+    from tests.bombs import jpeg_bomb, peak_rss_growth, png_bomb
+
+    images = tmp_path / "images"
+    images.mkdir()
+    png, jpeg = png_bomb(images / "bomb.png"), jpeg_bomb(images / "bomb.jpg")
+    os.mkfifo(images / "fifo.png")
+    (images / "escape.png").symlink_to("/etc/hostname")
+    refused = [str(images / "fifo.png"), str(images / "escape.png"), "/etc/hostname",
+               "images/../../../../etc/hostname", "file://attacker.example/etc/hostname",
+               str(tmp_path / "missing-outside.png")]
+    items = [Item(n, 1, 1, uri, 1) for n, uri in enumerate([str(png), str(jpeg), *refused])]
+    items.append(Item(99, 1, 1, make_image(images / "ok.png", 3), 1))
+    results = []
+    grown = peak_rss_growth(lambda: results.append(encoder.embed(items)))
+    result = results[0]
+    assert [r["project_id"] for r in result.rows] == [99]
+    reasons = {item.project_id: why for item, why in result.failed}
+    assert reasons[0].startswith("too many pixels") and reasons[1].startswith("too many")
+    assert {reasons[n] for n in range(2, 2 + len(refused))} == {REFUSED}
+    assert grown < 100 * 1024 * 1024, grown
+
+
 def test_encoder_decodes_in_threads_with_the_same_result(encoder, tmp_path, monkeypatch):
     from concurrent.futures import ThreadPoolExecutor
 
