@@ -1,6 +1,6 @@
 """A real HTTP server on loopback for image tests, run as its own process:
 
-    python -m tests.imageserver PORT DIRECTORY
+    python -m tests.imageserver PORT DIRECTORY [CERT KEY]   (with CERT and KEY: HTTPS)
 
 GET /files/NAME              the file (keep-alive, Content-Length)
 GET /slow/SECONDS/NAME       waits, then the file
@@ -16,6 +16,7 @@ GET /stats                   {"requests": {path: count}, "max_in_flight": n}; PO
 from __future__ import annotations
 
 import json
+import ssl
 import subprocess
 import sys
 import threading
@@ -133,21 +134,25 @@ class Handler(BaseHTTPRequestHandler):
             pass
 
 
-def serve(port: int, directory: Path) -> None:
+def serve(port: int, directory: Path, tls: tuple[str, str] | None = None) -> None:
     Handler.state = State(directory)
     server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
     server.daemon_threads = True
+    if tls:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(*tls)
+        server.socket = context.wrap_socket(server.socket, server_side=True)
     server.serve_forever()
 
 
 class ImageServer:
     """The server in a subprocess; `url(path)` names one of its routes."""
 
-    def __init__(self, port: int, directory: Path):
+    def __init__(self, port: int, directory: Path, tls: tuple[Path, Path] | None = None):
         self.port, self.directory = port, Path(directory)
-        self.base = f"http://127.0.0.1:{port}"
+        self.base = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
         self.proc = subprocess.Popen([sys.executable, "-m", "tests.imageserver", str(port),
-                                      str(directory)], cwd=ROOT)
+                                      str(directory), *map(str, tls or ())], cwd=ROOT)
         deadline = time.monotonic() + 20
         while True:
             try:
@@ -163,7 +168,8 @@ class ImageServer:
         return f"{self.base}/{path.lstrip('/')}"
 
     def stats(self) -> dict:
-        with urllib.request.urlopen(self.url("stats"), timeout=5) as reply:
+        unverified = ssl._create_unverified_context()  # the test's own self-signed server
+        with urllib.request.urlopen(self.url("stats"), timeout=5, context=unverified) as reply:
             return json.loads(reply.read())
 
     def requests(self, path: str) -> int:
@@ -183,4 +189,4 @@ class ImageServer:
 
 
 if __name__ == "__main__":
-    serve(int(sys.argv[1]), Path(sys.argv[2]))
+    serve(int(sys.argv[1]), Path(sys.argv[2]), tuple(sys.argv[3:5]) or None)

@@ -184,7 +184,9 @@ def _check_status(status: int) -> None:
 
 def _transport_error(error: Exception) -> Exception:
     if isinstance(error, SSLError):
-        return Unreadable(f"TLS: {str(error)[:160]}")  # a wrong certificate stays wrong
+        # Host-wide and an operator's to fix (an expired or wrong certificate): parking
+        # every image of the host meanwhile would keep them out after the fix.
+        return Unavailable(f"TLS: {str(error)[:160]}")
     if isinstance(error, Urllib3Timeout | TimeoutError):
         return Unavailable("timed out")
     if isinstance(error, HTTPError | OSError):

@@ -46,13 +46,13 @@ CACHE = Counter("cofeat_image_cache_total", "Image cache lookups", ["result"])
 
 @dataclass(frozen=True)
 class Limits:
-    max_bytes: int = 20 * 1024 * 1024
-    max_pixels: int = 25_000_000
-    connect_s: float = 5.0
-    read_s: float = 10.0
-    total_s: float = 30.0
-    attempts: int = 3
-    concurrency: int = 16
+    max_bytes: int
+    max_pixels: int
+    connect_s: float
+    read_s: float
+    total_s: float
+    attempts: int
+    concurrency: int
     retry_base_s: float = 0.2
     retry_max_s: float = 2.0
 
@@ -63,11 +63,21 @@ class Limits:
                    settings.image_fetch_timeout_s, settings.image_fetch_attempts,
                    settings.image_fetch_concurrency)
 
+    @classmethod
+    def defaults(cls) -> Limits:
+        """COFEAT_IMAGE_*'s defaults, whatever the environment says."""
+        from shared.settings import Settings
+
+        fields = Settings.model_fields
+        return cls.from_settings(type("Defaults", (), {
+            name: fields[name].default for name in fields if name.startswith("image_")}))
+
 
 class ImageReader:
-    def __init__(self, policy: Policy, limits: Limits = Limits(), *,
+    def __init__(self, policy: Policy, limits: Limits | None = None, *,
                  cache: ImageCache | None = None, s3_endpoint_url: str | None = None,
                  outage_base_s: float = 1.0, outage_max_s: float = 60.0):
+        limits = limits or Limits.defaults()
         self.policy, self.limits, self.cache = policy, limits, cache
         self.http = HttpFetcher(policy, connect_s=limits.connect_s, read_s=limits.read_s,
                                 total_s=limits.total_s, max_bytes=limits.max_bytes,

@@ -155,3 +155,67 @@ def test_fetches_run_concurrently_and_come_back_in_order(image_server, tmp_path)
     sizes = [reader.decode(r).getpixel((0, 0)) for r in results if isinstance(r, bytes)]
     assert sizes == [(200, 10, 30), (10, 200, 30)] * 8  # in the order asked
     assert image_server.stats()["max_in_flight"] > 1
+
+
+def self_signed(folder, *names: str):
+    """(certificate, key) files for these DNS names / IP addresses, self-signed."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])])
+    alternatives = []
+    for name in names:
+        try:
+            alternatives.append(x509.IPAddress(ipaddress.ip_address(name)))
+        except ValueError:
+            alternatives.append(x509.DNSName(name))
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName(alternatives), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_file, key_file = folder / f"{names[0]}.crt", folder / f"{names[0]}.key"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_file, key_file
+
+
+def test_https_verifies_the_url_name_on_the_checked_address(image_server, tmp_path,
+                                                            monkeypatch):
+    """The connection goes to the address cofeat resolved and checked, while SNI and the
+    certificate check use the URL's name: a certificate for another name is refused."""
+    from tests.conftest import free_port
+    from tests.imageserver import ImageServer
+
+    good = self_signed(tmp_path, "localhost", "127.0.0.1")
+    wrong = self_signed(tmp_path, "wrong.example")
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_bytes(good[0].read_bytes() + wrong[0].read_bytes())
+    servers = [ImageServer(free_port(), image_server.directory, tls) for tls in (good, wrong)]
+    try:
+        monkeypatch.setenv("SSL_CERT_FILE", str(bundle))  # the operator's private CA bundle
+        reader = reader_for(tmp_path, image_hosts="localhost,127.0.0.1",
+                            image_fetch_attempts=1)
+        ok, other = (f"https://{{}}:{s.port}/files/ok.png" for s in servers)
+        assert reader.open(ok.format("localhost")).size == (64, 48)
+        assert reader.open(ok.format("127.0.0.1")).size == (64, 48)
+        with pytest.raises(Unavailable, match="TLS"):  # the name does not match
+            reader_for(tmp_path, image_hosts="localhost,127.0.0.1").read(
+                other.format("localhost"))
+        monkeypatch.delenv("SSL_CERT_FILE")
+        with pytest.raises(Unavailable, match="TLS"):  # an issuer nobody trusts
+            reader_for(tmp_path, image_hosts="localhost").read(ok.format("localhost"))
+    finally:
+        for server in servers:
+            server.close()
