@@ -6,16 +6,21 @@ N generated JPEGs are written to a folder and served from it by nginx on loopbac
 them with the embedder's own `Encoder`, in backfill-sized chunks, alternately from the local
 paths and from http:// URLs (cache off, so every image is fetched): images/s of each and
 their ratio (goal: HTTP >= 0.8x local), with COFEAT_IMAGE_FETCH_CONCURRENCY fetches in
-flight and, for comparison, one. Then two epochs of CNN training over the HTTP URLs with
-the cache on: requests the server answered per epoch (from its access log) and the hit rate.
+flight and, for comparison, one. Loopback has no latency, a CDN has some: with
+--latency-ms, the URLs go through a TCP proxy (its own process) that delivers every
+response chunk that much later, a round trip's worth. Then two epochs of CNN training over
+the HTTP URLs with the cache on: requests the server answered per epoch (from its access
+log) and the hit rate.
 
     python -m benchmarks.images [--images 2000] [--size 256] [--rounds 3]
-                                [--concurrency 16] [--epochs 2] [--workers 2]
+                                [--concurrency 16] [--latency-ms 0,20] [--epochs 2]
+                                [--workers 2]
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import shutil
 import socket
@@ -44,13 +49,16 @@ def free_port() -> int:
 
 
 def make_images(folder: Path, count: int, size: int) -> list[str]:
-    """Blocky random colours at `size` px, JPEG quality 85: a few tens of KB each."""
+    """Random colour fields with grain at `size` px, JPEG quality 85: photo-like sizes."""
     rng = np.random.default_rng(0)
     folder.mkdir(parents=True, exist_ok=True)
     names = []
     for n in range(count):
         blocks = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
-        image = Image.fromarray(blocks).resize((size, size), Image.Resampling.BILINEAR)
+        field = np.asarray(Image.fromarray(blocks).resize((size, size),
+                                                          Image.Resampling.BILINEAR))
+        grain = rng.normal(0, 18, field.shape)
+        image = Image.fromarray(np.clip(field + grain, 0, 255).astype(np.uint8))
         name = f"{n:06d}.jpg"
         image.save(folder / name, "JPEG", quality=85)
         names.append(name)
@@ -110,6 +118,60 @@ http {{
     def close(self) -> None:
         self.proc.terminate()
         self.proc.wait(10)
+
+
+class DelayProxy:
+    """127.0.0.1:port -> upstream, each upstream chunk delivered `latency_ms` after it came."""
+
+    def __init__(self, upstream: int, latency_ms: float):
+        self.port = free_port()
+        self.proc = subprocess.Popen([sys.executable, "-m", "benchmarks.images", "--proxy",
+                                      str(self.port), str(upstream), str(latency_ms)])
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the delay proxy did not start") from None
+                time.sleep(0.05)
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+async def _proxy(listen: int, upstream: int, latency_s: float) -> None:
+    async def pipe(reader, writer, delay: float) -> None:
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def deliver() -> None:
+            while (item := await queue.get()) is not None:
+                due, data = item
+                await asyncio.sleep(max(0.0, due - time.monotonic()))
+                writer.write(data)
+                await writer.drain()
+            writer.close()
+
+        sender = asyncio.create_task(deliver())
+        try:
+            while data := await reader.read(65536):
+                queue.put_nowait((time.monotonic() + delay, data))
+        except OSError:
+            pass
+        queue.put_nowait(None)
+        await sender
+
+    async def handle(client_reader, client_writer) -> None:
+        server_reader, server_writer = await asyncio.open_connection("127.0.0.1", upstream)
+        await asyncio.gather(pipe(client_reader, server_writer, 0.0),
+                             pipe(server_reader, client_writer, latency_s),
+                             return_exceptions=True)
+
+    server = await asyncio.start_server(handle, "127.0.0.1", listen)
+    async with server:
+        await server.serve_forever()
 
 
 def cnn_version(data_dir: Path) -> dict:
@@ -178,12 +240,20 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=256, help="pixels per side")
     parser.add_argument("--rounds", type=int, default=3, help="local/HTTP alternations")
     parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--latency-ms", default="0,20",
+                        help="comma-separated round-trip delays to add to HTTP")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--workers", type=int, default=2, help="DataLoader processes")
+    parser.add_argument("--proxy", nargs=3, help=argparse.SUPPRESS)  # the proxy's process
     args = parser.parse_args()
+    if args.proxy:
+        listen, upstream, latency = args.proxy
+        asyncio.run(_proxy(int(listen), int(upstream), float(latency) / 1000))
+        return
     print(describe())
     print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     work = Path(tempfile.mkdtemp(prefix="bench-images-"))
+    work.chmod(0o755)  # nginx's workers run as another user
     try:
         run(args, work)
     finally:
@@ -206,19 +276,31 @@ def run(args, work: Path) -> None:
                     embed_backfill_chunk=512, image_hosts="127.0.0.1", image_cache_bytes=0,
                     image_fetch_concurrency=args.concurrency)
         local = [str(images / n) for n in names]
-        http = [f"http://127.0.0.1:{server.port}/{n}" for n in names]
-        rates = {"local": [], "http": [], "http, 1 fetch at a time": []}
-        for _ in range(args.rounds):
-            rates["local"].append(embed_rate(Settings(**base), local))
-            rates["http"].append(embed_rate(Settings(**base), http))
-        one = Settings(**{**base, "image_fetch_concurrency": 1})
-        rates["http, 1 fetch at a time"].append(embed_rate(one, http))
+        latencies = [float(x) for x in args.latency_ms.split(",") if x.strip()]
+        proxies = {ms: DelayProxy(server.port, ms) for ms in latencies if ms > 0}
+        ports = {ms: proxies[ms].port if ms in proxies else server.port for ms in latencies}
+        http = {ms: [f"http://127.0.0.1:{ports[ms]}/{n}" for n in names] for ms in latencies}
+        rates = {"local": []} | {f"http +{ms:g} ms": [] for ms in latencies}
+        try:
+            for _ in range(args.rounds):  # alternated: the machine's load drifts
+                rates["local"].append(embed_rate(Settings(**base), local))
+                for ms in latencies:
+                    rates[f"http +{ms:g} ms"].append(embed_rate(Settings(**base), http[ms]))
+            one = Settings(**{**base, "image_fetch_concurrency": 1})
+            for ms in latencies:
+                rates[f"http +{ms:g} ms, 1 fetch at a time"] = [embed_rate(one, http[ms])]
+        finally:
+            for proxy in proxies.values():
+                proxy.close()
         for name, values in rates.items():
-            print(f"embed {name:>24}: {np.median(values):7.0f} images/s "
+            print(f"embed {name:>34}: {np.median(values):7.0f} images/s "
                   f"(rounds: {', '.join(f'{v:.0f}' for v in values)})")
-        ratio = np.median(rates["http"]) / np.median(rates["local"])
-        print(f"HTTP / local: {ratio:.2f} (goal >= {GOAL_RATIO}: "
-              f"{'met' if ratio >= GOAL_RATIO else 'not met'})")
+        for ms in latencies:
+            ratio = np.median(rates[f"http +{ms:g} ms"]) / np.median(rates["local"])
+            print(f"HTTP +{ms:g} ms / local, {args.concurrency} fetches in flight: {ratio:.2f} "
+                  f"(goal >= {GOAL_RATIO}: {'met' if ratio >= GOAL_RATIO else 'not met'})")
+        http = http[latencies[0]] if latencies else [
+            f"http://127.0.0.1:{server.port}/{n}" for n in names]
 
         cached = Settings(**{**base, "image_cache_bytes": 2 * 1024**3,
                              "image_cache_dir": work / "cache"})
