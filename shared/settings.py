@@ -146,6 +146,14 @@ class Settings(BaseSettings):
                                    "images (LRU by bytes); 0: off")
     image_cache_dir: Path | None = Field(None, description="unset: COFEAT_DATA_DIR/cache/images")
 
+    @field_validator("image_buckets")
+    @classmethod
+    def _buckets_name_a_bucket(cls, value: str) -> str:
+        for entry in filter(None, (part.strip() for part in value.split(","))):
+            if not entry.split("://", 1)[-1].split("/", 1)[0]:
+                raise ValueError(f"{entry!r} names no bucket (bucket or scheme://bucket)")
+        return value
+
     # Embedder (services/embedder): Kafka -> CNN -> Milvus.
     embed_group: str = "cofeat-embed"
     embed_max_records: int = Field(500, ge=1, description="events per stream batch at most")
