@@ -116,7 +116,6 @@ class Settings(BaseSettings):
     serve_host: str = "0.0.0.0"
     serve_port: int = Field(8080, ge=1, le=65535)
     serve_max_upload_bytes: int = Field(5 * 1024 * 1024, ge=1024)
-    serve_max_image_pixels: int = Field(40_000_000, ge=1, description="decompression bombs")
     serve_new_window_s: float = Field(7 * 86_400.0, gt=0, description="'new' projects age")
     serve_model_check_s: float = Field(30.0, gt=0, description="how often to look for a "
                                        "newer CNN model")
@@ -128,6 +127,40 @@ class Settings(BaseSettings):
                                          "embedding at once (each may hold a decoded image)")
     serve_image_wait_s: float = Field(2.0, ge=0, description="how long an image query waits "
                                       "for a free slot before a 503 with Retry-After")
+
+    # Image access (shared/images): where an image_uri may point and what reading one may
+    # cost. Lists are comma-separated. Every reader (embedder, refresh, eval, uploads) obeys.
+    image_roots: str | None = Field(None, description="allowed local directories; unset: "
+                                    "COFEAT_DATA_DIR/images")
+    image_hosts: str = Field("", description="allowed HTTP(S) hosts: name, *.domain, IP "
+                             "address, or * (any public host); none by default")
+    image_buckets: str = Field("", description="allowed object-store locations: bucket or "
+                               "scheme://bucket[/prefix] (a bare bucket means s3://)")
+    image_s3_endpoint_url: str | None = Field(None, description="an S3-compatible endpoint "
+                                              "(MinIO, Ceph); unset: AWS")
+    image_max_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="per image, "
+                                 "enforced while reading")
+    image_max_pixels: int = Field(25_000_000, ge=1, description="width x height from the "
+                                  "header, refused before decoding (decompression bombs)")
+    image_connect_timeout_s: float = Field(5.0, gt=0)
+    image_read_timeout_s: float = Field(10.0, gt=0, description="longest silence while reading")
+    image_fetch_timeout_s: float = Field(30.0, gt=0, description="one fetch, all of it")
+    image_fetch_attempts: int = Field(3, ge=1, description="tries per fetch on transient "
+                                      "failures (5xx, resets, timeouts) before it is "
+                                      "recorded and retried later")
+    image_fetch_concurrency: int = Field(16, ge=1, description="remote fetches in flight per "
+                                         "process")
+    image_cache_bytes: int = Field(2 * 1024**3, ge=0, description="local cache of remote "
+                                   "images (LRU by bytes); 0: off")
+    image_cache_dir: Path | None = Field(None, description="unset: COFEAT_DATA_DIR/cache/images")
+
+    @field_validator("image_buckets")
+    @classmethod
+    def _buckets_name_a_bucket(cls, value: str) -> str:
+        for entry in filter(None, (part.strip() for part in value.split(","))):
+            if not entry.split("://", 1)[-1].split("/", 1)[0]:
+                raise ValueError(f"{entry!r} names no bucket (bucket or scheme://bucket)")
+        return value
 
     # Embedder (services/embedder): Kafka -> CNN -> Milvus.
     embed_group: str = "cofeat-embed"

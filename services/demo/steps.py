@@ -33,9 +33,10 @@ RATES = {"small": 3000, "tiny": 250}
 
 
 class Demo:
-    def __init__(self, data_dir: Path, scale: str):
+    def __init__(self, data_dir: Path, scale: str, images: str = "local"):
         self.data_dir = data_dir.resolve()
         self.scale = scale
+        self.images = images  # "http": published as URLs of a local image server
         self.dir = self.data_dir / "demo"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.state_path = self.dir / "state.json"
@@ -75,6 +76,23 @@ class Demo:
         out = (self.dir / f"{log_name}.log").open("ab")
         return subprocess.Popen([sys.executable, "-m", "services", *args], env=self.env,
                                 stdout=out, stderr=subprocess.STDOUT)
+
+
+    def serve_images(self, port: int) -> subprocess.Popen:
+        """COFEAT_DATA_DIR/images over HTTP on loopback, as a CDN would serve them; every
+        reader is allowed that one address (COFEAT_IMAGE_HOSTS) and nothing else."""
+        images = self.data_dir / "images"
+        images.mkdir(parents=True, exist_ok=True)
+        say(f"$ python -m http.server {port} --bind 127.0.0.1 --directory {images} &")
+        out = (self.dir / "images-http.log").open("ab")
+        proc = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind",
+                                 "127.0.0.1", "--directory", str(images)],
+                                stdout=out, stderr=subprocess.STDOUT)
+        self.env.setdefault("COFEAT_IMAGE_HOSTS", "127.0.0.1")
+        return proc
+
+    def image_base_url(self, port: int) -> str:
+        return f"http://127.0.0.1:{port}/"
 
 
 def stop(proc: subprocess.Popen, timeout_s: float = 60) -> int:

@@ -216,8 +216,12 @@ class Backfill:
         self.touch({e.project_id: e.ts_ms for e in fresh})
 
     def _write_items(self, items: list[Item]) -> None:
-        result = embed_with_retries(self.encoder, self.db(), items,
-                                    self.settings.embed_max_attempts)
+        result = embed_and_record(self.encoder, self.db(), items,
+                                  self.settings.embed_max_attempts)
+        # A failed image is the retry step's now; this state is handled here, so an older
+        # Postgres row must not be written over a later retry's row, and the check before
+        # the swap allows for it.
+        self.touch({item.project_id: item.ts_ms for item, _ in result.failed})
         self.images += len(items)
         self.embed_seconds += result.seconds
         metrics.IMAGES.labels("backfill").inc(len(items))
@@ -348,29 +352,18 @@ def user_rows(vectors: np.ndarray, user_ids: np.ndarray, version: int) -> list[d
             for u, v in zip(user_ids, vectors, strict=True)]
 
 
-def embed_with_retries(encoder: Encoder, db: psycopg.Connection, items: list[Item],
-                       max_attempts: int) -> Result:
-    """Embed; retry failed images right away until each is embedded or parked."""
+def embed_and_record(encoder: Encoder, db: psycopg.Connection, items: list[Item],
+                     max_attempts: int) -> Result:
+    """Embed; record each failed image once and leave it to the embedder's retry step,
+    which tries it again after COFEAT_EMBED_RETRY_INTERVAL_S. Retrying at once, three times
+    back to back, parked images for good over a storage blip of a second."""
     result = encoder.embed(items)
-    rows, seconds, failed = result.rows, result.seconds, result.failed
-    while failed:
-        attempts = record_failures(db, failed, max_attempts)
-        retry = [item for item, _ in failed if attempts[item.project_id] < max_attempts]
-        if not retry:
-            break
-        again = encoder.embed(retry)
-        rows, seconds, failed = rows + again.rows, seconds + again.seconds, again.failed
     with db.transaction(), db.cursor() as cur:
-        failures.clear(cur, [row["project_id"] for row in rows])
-    return Result(rows, [], seconds)
-
-
-def record_failures(db: psycopg.Connection, failed: list[tuple[Item, str]],
-                    max_attempts: int) -> dict[int, int]:
-    with db.transaction(), db.cursor() as cur:
-        attempts = failures.record(cur, failed)
-    log_failures(failed, attempts, max_attempts)
-    return attempts
+        attempts = failures.record(cur, result.failed)
+        failures.clear(cur, [row["project_id"] for row in result.rows])
+    if result.failed:
+        log_failures(result.failed, attempts, max_attempts)
+    return result
 
 
 def log_failures(failed: list[tuple[Item, str]], attempts: dict[int, int],
@@ -381,6 +374,10 @@ def log_failures(failed: list[tuple[Item, str]], attempts: dict[int, int],
         parked = count >= max_attempts
         if parked:
             metrics.PARKED.inc()
+        if count == 0:
+            log.warning("project %d: image %s unavailable (%s): retried later, never parked "
+                        "for that", item.project_id, item.image_uri, reason)
+            continue
         log.warning("project %d: image %s unreadable (%s), attempt %d of %d%s",
                     item.project_id, item.image_uri, reason, count, max_attempts,
                     ": parked" if parked else "")

@@ -1,9 +1,13 @@
 """The Postgres side of the embedder: parked images, stored offsets, project reads.
 
-A failed image is recorded with its attempt count and the state that failed; below
-COFEAT_EMBED_MAX_ATTEMPTS it is retried later from that row (ingest may not have stored the
-project yet), at the limit it is parked (left out of Milvus and of the backfill's expected
-count) until a later successful embed, or a delete, clears the row.
+A failed image is recorded with its reason and the state that failed, and retried from that
+row every COFEAT_EMBED_RETRY_INTERVAL_S, never back to back. `attempts` counts permanent
+failures in a row (404, 403, not an image, refused by policy): at
+COFEAT_EMBED_MAX_ATTEMPTS the image is parked (left out of Milvus and of the backfill's
+expected count) until a later successful embed, or a delete, clears the row. A transient
+failure (5xx, reset, timeout: its reason starts "unavailable: ") sets `attempts` to 0: a
+storage outage says nothing about the image, so however long it lasts, nothing is parked
+for it, and the image is retried at the interval until the storage answers.
 """
 
 from __future__ import annotations
@@ -13,16 +17,19 @@ from collections.abc import Iterable, Mapping
 import psycopg
 
 from services.embedder.encode import Item
+from shared.images import is_transient_reason
 
 _RECORD = """
 INSERT INTO embed_failures AS f (project_id, image_uri, owner_id, published_at, event_ts,
                                   reason, attempts)
-VALUES (%s, %s, %s, to_timestamp(%s / 1000.0), to_timestamp(%s / 1000.0), %s, 1)
+VALUES (%(id)s, %(uri)s, %(owner)s, to_timestamp(%(published)s / 1000.0),
+        to_timestamp(%(ts)s / 1000.0), %(reason)s, CASE WHEN %(transient)s THEN 0 ELSE 1 END)
 ON CONFLICT (project_id) DO UPDATE SET
     image_uri = EXCLUDED.image_uri, owner_id = EXCLUDED.owner_id,
     published_at = EXCLUDED.published_at, event_ts = EXCLUDED.event_ts,
     reason = EXCLUDED.reason,
-    attempts = f.attempts + 1, last_failed_at = now()
+    attempts = CASE WHEN %(transient)s THEN 0 ELSE f.attempts + 1 END,
+    last_failed_at = now()
 RETURNING project_id, attempts
 """
 
@@ -49,8 +56,9 @@ _DUE = """
 SELECT f.project_id, f.owner_id, (extract(epoch FROM f.published_at) * 1000)::int8,
        f.image_uri, (extract(epoch FROM f.event_ts) * 1000)::int8
 FROM embed_failures f
-WHERE f.attempts < %(max)s
-  AND f.last_failed_at <= now() - make_interval(secs => %(interval)s)
+WHERE f.attempts < %(max)s AND f.attempts >= %(min)s
+  AND f.last_failed_at <= now() - make_interval(
+      secs => CASE WHEN f.attempts = 0 THEN %(transient)s ELSE %(interval)s END)
 ORDER BY f.last_failed_at LIMIT %(limit)s
 """
 
@@ -65,8 +73,10 @@ def record(cur: psycopg.Cursor, failed: Iterable[tuple[Item, str]]) -> dict[int,
     """Count one more attempt per failed item; returns {project_id: attempts}."""
     attempts = {}
     for item, reason in failed:
-        cur.execute(_RECORD, (item.project_id, item.image_uri, item.owner_id,
-                              item.published_ms, item.ts_ms, reason))
+        cur.execute(_RECORD, {"id": item.project_id, "uri": item.image_uri,
+                              "owner": item.owner_id, "published": item.published_ms,
+                              "ts": item.ts_ms, "reason": reason,
+                              "transient": is_transient_reason(reason)})
         project_id, count = cur.fetchone()
         attempts[project_id] = count
     return attempts
@@ -94,11 +104,23 @@ def live_page(conn: psycopg.Connection, after: int, limit: int, max_attempts: in
 
 
 def due_retries(conn: psycopg.Connection, max_attempts: int, interval_s: float,
-                limit: int) -> list[Item]:
+                limit: int, transient_interval_s: float | None = None,
+                permanent_only: bool = False) -> list[Item]:
+    """Failed, unparked images due again: permanent failures `interval_s` after the last
+    one, transient ones `transient_interval_s` after (default: the same)."""
+    transient = interval_s if transient_interval_s is None else transient_interval_s
     with conn.transaction():
         rows = conn.execute(_DUE, {"max": max_attempts, "interval": interval_s,
+                                   "transient": transient, "min": int(permanent_only),
                                    "limit": limit}).fetchall()
     return [Item(*row) for row in rows]
+
+
+def waiting_for_storage(conn: psycopg.Connection) -> int:
+    """Images whose last failure was transient: retried until their storage answers."""
+    with conn.transaction():
+        return conn.execute("SELECT count(*) FROM embed_failures WHERE attempts = 0"
+                            ).fetchone()[0]
 
 
 def expected_count(conn: psycopg.Connection, max_attempts: int) -> int:

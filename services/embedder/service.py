@@ -36,6 +36,7 @@ from shared.db.connect import connect
 from shared.db.locks import SessionLock
 from shared.db.store import load_offsets
 from shared.events import ProjectEvent
+from shared.images import ImageReader
 from shared.logs import bind
 from shared.settings import Settings
 
@@ -57,6 +58,7 @@ class Embedder:
         self.conn: psycopg.Connection | None = None
         self.stream: Stream | None = None
         self.encoders: dict[int, Encoder] = {}
+        self.reader = ImageReader.from_settings(settings)  # one per process: pools, cache
         self.live: Encoder | None = None  # the model behind the projects alias
         self.live_collection: str | None = None
         # What the backfill behind the live collection wrote, until the stream catches up
@@ -110,7 +112,7 @@ class Embedder:
 
     def encoder(self, row: dict) -> Encoder:
         if row["id"] not in self.encoders:
-            self.encoders[row["id"]] = Encoder(self.settings, row)
+            self.encoders[row["id"]] = Encoder(self.settings, row, self.reader)
         return self.encoders[row["id"]]
 
     def discover(self) -> None:
@@ -291,8 +293,11 @@ class Embedder:
         if time.monotonic() < self.next_retry or not self.writers():
             return
         self.next_retry = time.monotonic() + min(interval, 5.0)
+        # A drain retries permanent failures at once (nothing else is left to do), but an
+        # unavailable storage only at the configured interval.
         items = self.with_db(lambda conn: failures.due_retries(
-            conn, self.settings.embed_max_attempts, interval, self.settings.embed_backfill_chunk))
+            conn, self.settings.embed_max_attempts, interval, self.settings.embed_backfill_chunk,
+            transient_interval_s=self.settings.embed_retry_interval_s))
         if not items:
             return
         failed = self.upsert_items(items, "retry")
@@ -305,8 +310,10 @@ class Embedder:
             log.info("retried %d projects successfully", len(done))
 
     def retries_pending(self) -> bool:
+        """Permanent failures not parked yet; images waiting for an unavailable storage
+        do not hold a drain up (the running embedder retries them)."""
         return bool(self.with_db(lambda conn: failures.due_retries(
-            conn, self.settings.embed_max_attempts, 0.0, 1)))
+            conn, self.settings.embed_max_attempts, 0.0, 1, permanent_only=True)))
 
     # -- the loop ------------------------------------------------------------------------
 
@@ -324,6 +331,7 @@ class Embedder:
                 self.step()
                 if self.drain and self.drained():
                     log.info("backfills done and caught up on every partition; draining done")
+                    self.report_waiting()
                     break
         except mv.Stopped:
             if not self.lost:
@@ -353,6 +361,12 @@ class Embedder:
             return True
         return (self.backfill is None and self.stream is not None and self.stream.caught_up()
                 and not self.retries_pending())
+
+    def report_waiting(self) -> None:
+        waiting = self.with_db(failures.waiting_for_storage)
+        if waiting:
+            log.warning("%d images wait for their storage to answer again (transient "
+                        "failures); the running embedder retries them", waiting)
 
     def stop(self, *_args) -> None:
         self.stopping = True

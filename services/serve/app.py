@@ -296,11 +296,11 @@ def similar_to_image(request: Request, image: Annotated[UploadFile, File()],
     models, client = request.app.state.models, request.app.state.client
     try:
         live = models.require()
-        hits = client.similar_to_vector(embed_bytes(live, data, settings.serve_max_image_pixels), k)
+        hits = client.similar_to_vector(embed_bytes(live, data, settings), k)
         if hits and hits[0].model_version != live.version and models.refresh() is not live:
             # The alias moved since the last periodic check: embed again with its model.
             live = models.require()
-            vector = embed_bytes(live, data, settings.serve_max_image_pixels)
+            vector = embed_bytes(live, data, settings)
             hits = client.similar_to_vector(vector, k)
     except NoModel as error:
         raise HTTPException(503, str(error)) from None

@@ -10,6 +10,7 @@ from services.embedder.collections import version_of
 from services.embedder.encode import Encoder, Item
 from services.embedder.stream import Recent, latest_per_project
 from shared.events import ProjectEvent
+from shared.images import REFUSED
 from shared.settings import Settings
 from shared.vision import ModelConfig, build_model, save_model
 from tests.services.embedder.conftest import make_corrupt, make_image
@@ -77,21 +78,52 @@ def encoder(tmp_path) -> Encoder:
 
 
 def test_encoder_keeps_good_rows_and_names_each_failure(encoder, tmp_path):
-    good = make_image(tmp_path / "good.png", 1)
-    (tmp_path / "rel.png").write_bytes((tmp_path / "good.png").read_bytes())
-    items = [Item(1, 10, 100, good, 100), Item(2, 10, 100, make_corrupt(tmp_path / "c.png"), 1),
-             Item(3, 10, 100, str(tmp_path / "missing.png"), 1),
+    images = tmp_path / "images"  # COFEAT_IMAGE_ROOTS' default: COFEAT_DATA_DIR/images
+    good = make_image(images / "good.png", 1)
+    (images / "rel.png").write_bytes((images / "good.png").read_bytes())
+    outside = make_image(tmp_path / "outside.png", 1)
+    items = [Item(1, 10, 100, good, 100), Item(2, 10, 100, make_corrupt(images / "c.png"), 1),
+             Item(3, 10, 100, str(images / "missing.png"), 1),
              Item(4, 10, 100, "http://example.com/x.png", 1),
-             Item(5, 11, 200, "rel.png", 1), Item(6, 10, 100, f"file://{good}", 1)]
+             Item(5, 11, 200, "images/rel.png", 1), Item(6, 10, 100, f"file://{good}", 1),
+             Item(7, 10, 100, outside, 1)]
     result = encoder.embed(items)
     assert [r["project_id"] for r in result.rows] == [1, 5, 6]
     reasons = {item.project_id: why for item, why in result.failed}
-    assert set(reasons) == {2, 3, 4}
-    assert "FileNotFoundError" in reasons[3] and "unsupported_uri" in reasons[4]
+    assert set(reasons) == {2, 3, 4, 7}
+    assert reasons[2].startswith("not an image") and reasons[3] == "not found"
+    assert reasons[4] == reasons[7] == REFUSED  # no host allowed; a file outside the roots
     row = result.rows[1]
     assert (row["model_version"], row["owner_id"], row["published_at"]) == (3, 11, 200)
     assert np.isclose(np.linalg.norm(row["embedding"]), 1.0, atol=1e-5)
     assert np.allclose(result.rows[0]["embedding"], result.rows[2]["embedding"])
+
+
+def test_attacks_and_bombs_fail_alone_with_one_reason_and_little_memory(encoder, tmp_path):
+    """Issue 14: a 13000 x 13000 PNG took the embedder to 4.1 GiB; paths outside the data
+    directory were embedded; "no such file" and "not an image" told which files exist."""
+    import os
+
+    from tests.bombs import jpeg_bomb, peak_rss_growth, png_bomb
+
+    images = tmp_path / "images"
+    images.mkdir()
+    png, jpeg = png_bomb(images / "bomb.png"), jpeg_bomb(images / "bomb.jpg")
+    os.mkfifo(images / "fifo.png")
+    (images / "escape.png").symlink_to("/etc/hostname")
+    refused = [str(images / "fifo.png"), str(images / "escape.png"), "/etc/hostname",
+               "images/../../../../etc/hostname", "file://attacker.example/etc/hostname",
+               str(tmp_path / "missing-outside.png")]
+    items = [Item(n, 1, 1, uri, 1) for n, uri in enumerate([str(png), str(jpeg), *refused])]
+    items.append(Item(99, 1, 1, make_image(images / "ok.png", 3), 1))
+    results = []
+    grown = peak_rss_growth(lambda: results.append(encoder.embed(items)))
+    result = results[0]
+    assert [r["project_id"] for r in result.rows] == [99]
+    reasons = {item.project_id: why for item, why in result.failed}
+    assert reasons[0].startswith("too many pixels") and reasons[1].startswith("too many")
+    assert {reasons[n] for n in range(2, 2 + len(refused))} == {REFUSED}
+    assert grown < 100 * 1024 * 1024, grown
 
 
 def test_encoder_decodes_in_threads_with_the_same_result(encoder, tmp_path, monkeypatch):
@@ -99,8 +131,9 @@ def test_encoder_decodes_in_threads_with_the_same_result(encoder, tmp_path, monk
 
     from services.embedder import encode
 
-    items = [Item(i, 1, 1, make_image(tmp_path / f"{i}.png", i), 1) for i in range(5)]
-    items.insert(2, Item(99, 1, 1, make_corrupt(tmp_path / "bad.png"), 1))
+    images = tmp_path / "images"
+    items = [Item(i, 1, 1, make_image(images / f"{i}.png", i), 1) for i in range(5)]
+    items.insert(2, Item(99, 1, 1, make_corrupt(images / "bad.png"), 1))
     alone = encoder.embed(items)
     monkeypatch.setattr(encode, "WORKERS_FROM", 1)
     encoder.pool = ThreadPoolExecutor(2)

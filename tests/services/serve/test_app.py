@@ -123,7 +123,7 @@ def test_uploads_are_bounded_and_checked(http):
         assert response.status_code == 413, response.text
     response = http.post("/v1/similar", files={"image": ("a.png", b"not an image")})
     assert response.status_code == 400
-    assert "not a readable image" in response.json()["detail"]
+    assert response.json()["detail"].startswith("not an image")
     assert http.post("/v1/similar").status_code == 422  # no file at all
 
 
