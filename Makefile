@@ -4,6 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SCALE ?= small
+IMAGES ?= local
 export OMP_WAIT_POLICY ?= PASSIVE
 export PYTHONDONTWRITEBYTECODE = 1
 
@@ -19,7 +20,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/cofeat demo --scale $(SCALE)
+	$(BIN)/cofeat demo --scale $(SCALE) --images $(IMAGES)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

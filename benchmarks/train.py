@@ -255,8 +255,11 @@ def train_curves(url: str, run_dir: Path, args) -> dict[str, list[dict]]:
     config = evaluate.EvalConfig(epochs=args.epochs, backbone="small", image_size=64,
                                  seed=args.seed, batch_size=args.batch, workers=args.workers,
                                  max_projects=args.max_projects, progress=False)
+    from shared.images import ImageReader, Policy
+
+    reader = ImageReader(Policy.local_files(run_dir.parent / "images"))  # the simulator's
     with psycopg.connect(url) as conn:
-        inputs = evaluate.prepare(conn, run_dir, config)
+        inputs = evaluate.prepare(conn, run_dir, config, reader)
     sets, catalog, plan = inputs.sets, inputs.catalog, inputs.plan
     pixels = evaluate.read_images(catalog, sets.held, plan.model_config.image_size)
     factors = inputs.factors.item_factors[inputs.factors.item_rows(catalog.ids[sets.train])]

@@ -3,13 +3,15 @@
 
     cofeat-healthcheck              GET http://127.0.0.1:$COFEAT_METRICS_PORT/healthz
     cofeat-healthcheck --serve      GET http://127.0.0.1:$COFEAT_SERVE_PORT/healthz
-    cofeat-healthcheck --heartbeat  the periodic refresh loop finished a cycle recently
+    cofeat-healthcheck --heartbeat  the refresh loop (`cofeat refresh --loop`) finished a
+                                    cycle less than two of its intervals ago
 
 Exit 0 when healthy, 1 otherwise (what Docker's HEALTHCHECK and compose expect).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -28,13 +30,18 @@ def probe_http(port: str) -> int:
 
 
 def probe_heartbeat() -> int:
+    # Written by the loop (services/refresh/heartbeat.py) with the interval it runs at, so
+    # this probe reads no interval setting of its own.
     data_dir = Path(os.environ.get("COFEAT_DATA_DIR", "/data"))
-    interval = float(os.environ.get("COFEAT_REFRESH_INTERVAL_S", "3600"))
     heartbeat = data_dir / "refresh" / "heartbeat"
     try:
-        age = time.time() - heartbeat.stat().st_mtime
-    except OSError:
+        beat = json.loads(heartbeat.read_text())
+        age, interval = time.time() - float(beat["finished_at"]), float(beat["interval_s"])
+    except FileNotFoundError:
         print(f"{heartbeat}: no refresh cycle finished yet", file=sys.stderr)
+        return 1
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        print(f"{heartbeat}: unreadable ({type(error).__name__}: {error})", file=sys.stderr)
         return 1
     if age > 2 * interval:
         print(f"{heartbeat}: last cycle {age:.0f}s ago (> 2 x {interval:.0f}s)",

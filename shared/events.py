@@ -202,24 +202,3 @@ def interaction_key(event: Interaction) -> bytes:
 def project_key(event: ProjectEvent) -> bytes:
     return str(event.project_id).encode()
 
-
-def image_path(uri: str) -> str:
-    """The local path behind an `image_uri` (a path or a file:// URI)."""
-    if uri.startswith("file://"):
-        from urllib.parse import unquote, urlparse
-        return unquote(urlparse(uri).path)
-    if "://" in uri:
-        raise InvalidEvent("unsupported_uri", uri.split("://")[0])
-    return uri
-
-
-def local_image(uri: str) -> str | None:
-    """The existing local file behind an `image_uri`, or None (unsupported scheme, or
-    no such file)."""
-    import os
-
-    try:
-        path = image_path(uri)
-    except InvalidEvent:
-        return None
-    return path if os.path.exists(path) else None

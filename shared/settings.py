@@ -7,6 +7,8 @@ A missing or malformed setting stops the process with one line naming it. Secret
 from __future__ import annotations
 
 import json
+import os
+import re
 import sys
 from pathlib import Path
 from typing import Literal
@@ -70,7 +72,6 @@ class Settings(BaseSettings):
     run_services: str = Field("ingest,refresh,embed,serve",
                               description="what `cofeat run` starts, comma-separated")
     run_ingest_replicas: int = Field(1, ge=1, le=64)
-    run_refresh_every: str = Field("10m", pattern=r"^\d+(\.\d+)?[smhd]?$")
 
     ingest_group: str = "cofeat-ingest"
     ingest_max_records: int = Field(5000, ge=1)
@@ -105,6 +106,9 @@ class Settings(BaseSettings):
         0.1, gt=0, description="full refit when changed/total non-zeros since the last one exceeds")
     refresh_promote_margin: float = Field(
         0.1, ge=0, description="reject if recall@k < parent's * (1 - margin)")
+    # The periodic refresh (`cofeat refresh --loop`, and `cofeat run`): factors, then the CNN.
+    refresh_every: str = Field("10m", description="start to start: 90s, 10m, 1.5h, 1d or "
+                               "plain seconds")
 
     # The query API (`cofeat serve`, `cofeat search`).
     api_token: SecretStr | None = Field(
@@ -112,7 +116,6 @@ class Settings(BaseSettings):
     serve_host: str = "0.0.0.0"
     serve_port: int = Field(8080, ge=1, le=65535)
     serve_max_upload_bytes: int = Field(5 * 1024 * 1024, ge=1024)
-    serve_max_image_pixels: int = Field(40_000_000, ge=1, description="decompression bombs")
     serve_new_window_s: float = Field(7 * 86_400.0, gt=0, description="'new' projects age")
     serve_model_check_s: float = Field(30.0, gt=0, description="how often to look for a "
                                        "newer CNN model")
@@ -120,6 +123,44 @@ class Settings(BaseSettings):
                                   "project keeps (0: off)")
     serve_cache_ttl_s: float = Field(5.0, ge=0, description="how long a kept vector is "
                                      "used: how much staler than Milvus it may be")
+    serve_image_concurrency: int = Field(2, ge=1, description="image queries decoding and "
+                                         "embedding at once (each may hold a decoded image)")
+    serve_image_wait_s: float = Field(2.0, ge=0, description="how long an image query waits "
+                                      "for a free slot before a 503 with Retry-After")
+
+    # Image access (shared/images): where an image_uri may point and what reading one may
+    # cost. Lists are comma-separated. Every reader (embedder, refresh, eval, uploads) obeys.
+    image_roots: str | None = Field(None, description="allowed local directories; unset: "
+                                    "COFEAT_DATA_DIR/images")
+    image_hosts: str = Field("", description="allowed HTTP(S) hosts: name, *.domain, IP "
+                             "address, or * (any public host); none by default")
+    image_buckets: str = Field("", description="allowed object-store locations: bucket or "
+                               "scheme://bucket[/prefix] (a bare bucket means s3://)")
+    image_s3_endpoint_url: str | None = Field(None, description="an S3-compatible endpoint "
+                                              "(MinIO, Ceph); unset: AWS")
+    image_max_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="per image, "
+                                 "enforced while reading")
+    image_max_pixels: int = Field(25_000_000, ge=1, description="width x height from the "
+                                  "header, refused before decoding (decompression bombs)")
+    image_connect_timeout_s: float = Field(5.0, gt=0)
+    image_read_timeout_s: float = Field(10.0, gt=0, description="longest silence while reading")
+    image_fetch_timeout_s: float = Field(30.0, gt=0, description="one fetch, all of it")
+    image_fetch_attempts: int = Field(3, ge=1, description="tries per fetch on transient "
+                                      "failures (5xx, resets, timeouts) before it is "
+                                      "recorded and retried later")
+    image_fetch_concurrency: int = Field(16, ge=1, description="remote fetches in flight per "
+                                         "process")
+    image_cache_bytes: int = Field(2 * 1024**3, ge=0, description="local cache of remote "
+                                   "images (LRU by bytes); 0: off")
+    image_cache_dir: Path | None = Field(None, description="unset: COFEAT_DATA_DIR/cache/images")
+
+    @field_validator("image_buckets")
+    @classmethod
+    def _buckets_name_a_bucket(cls, value: str) -> str:
+        for entry in filter(None, (part.strip() for part in value.split(","))):
+            if not entry.split("://", 1)[-1].split("/", 1)[0]:
+                raise ValueError(f"{entry!r} names no bucket (bucket or scheme://bucket)")
+        return value
 
     # Embedder (services/embedder): Kafka -> CNN -> Milvus.
     embed_group: str = "cofeat-embed"
@@ -185,6 +226,24 @@ class Settings(BaseSettings):
                 raise ValueError("must be host:port[,host:port...]")
         return value
 
+    @field_validator("api_token")
+    @classmethod
+    def _api_token_not_blank(cls, value: SecretStr | None) -> SecretStr | None:
+        # Blank must not read as "no authentication": unset the variable for that. A bearer
+        # header cannot carry surrounding whitespace, so such a token could never match.
+        token = value.get_secret_value() if value is not None else None
+        if token is not None and not token.strip():
+            raise ValueError("is empty or blank; unset it to serve without authentication")
+        if token is not None and token.strip() != token:
+            raise ValueError("starts or ends with whitespace")
+        return value
+
+    @field_validator("refresh_every")
+    @classmethod
+    def _refresh_every_is_an_interval(cls, value: str) -> str:
+        interval_seconds(value)
+        return value
+
     @field_validator("database_url")
     @classmethod
     def _database_url_scheme(cls, value: SecretStr | None) -> SecretStr | None:
@@ -226,6 +285,38 @@ class Settings(BaseSettings):
         return value
 
 
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def interval_seconds(text: str) -> float:
+    """'90s', '10m', '1.5h', '1d' or plain seconds, more than 0; ValueError otherwise."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text)
+    if not match or float(match[1]) <= 0:
+        raise ValueError(f"{text!r} is not an interval like 10m, 90s or 1h")
+    return float(match[1]) * _UNITS[match[2] or "s"]
+
+
+# Old names still read for now, each with a warning: old variable -> (new variable, field).
+RENAMED = {"COFEAT_RUN_REFRESH_EVERY": ("COFEAT_REFRESH_EVERY", "refresh_every"),
+           "COFEAT_REFRESH_INTERVAL_S": ("COFEAT_REFRESH_EVERY", "refresh_every")}
+_warned: set[str] = set()
+
+
+def _renamed() -> dict:
+    values: dict = {}
+    for old, (new, field) in RENAMED.items():
+        if old not in os.environ:
+            continue
+        if new in os.environ or field in values:
+            raise SettingsError(f"{old} is an old name of {new}: set only {new}")
+        values[field] = os.environ[old]
+        if old not in _warned:
+            _warned.add(old)
+            print(f"cofeat: warning: {old} is deprecated and will stop working: rename it "
+                  f"{new} (same format; read as {new} for now)", file=sys.stderr)
+    return values
+
+
 def _describe(error: ValidationError) -> str:
     # Only the field name and pydantic's message: the input value may be a secret.
     first = error.errors()[0]
@@ -235,7 +326,7 @@ def _describe(error: ValidationError) -> str:
 
 def load_settings(**overrides) -> Settings:
     try:
-        return Settings(**overrides)
+        return Settings(**(_renamed() | overrides))
     except ValidationError as error:
         raise SettingsError(_describe(error)) from None
 

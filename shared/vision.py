@@ -195,24 +195,14 @@ device = pick_device  # the name other services call
 
 
 def open_rgb(image: ImageInput, image_size: int | None = None) -> Image.Image:
-    """Decode to RGB. Raises OSError/ValueError on unreadable files (callers decide)."""
+    """Decode to RGB, bounded (shared.images.decode). A path is read as a file the caller
+    chose (shared.images.local_files); image_uris from events go through an ImageReader.
+    Raises shared.images.ImageError when there is no image."""
+    from shared import images
+
     if isinstance(image, Image.Image):
-        return _rgb(image)
-    with Image.open(image) as img:
-        if image_size:
-            # JPEG decodes at 1/2..1/8 scale for free; keep at least 2x the target size.
-            img.draft("RGB", (2 * image_size, 2 * image_size))
-        return _rgb(img)
-
-
-def _rgb(img: Image.Image) -> Image.Image:
-    # Transparent areas go on white, as a page shows them; a plain convert would expose
-    # whatever colour the invisible pixels happen to hold (often black).
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        page = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(page, rgba).convert("RGB")
-    return img.convert("RGB")
+        return images.rgb(image)
+    return images.local_files().open(os.fspath(image), image_size)
 
 
 def resize_crop(img: Image.Image, image_size: int,

@@ -202,3 +202,22 @@ def tiny_world(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("tiny-world")
     simulate(root)
     return root
+
+
+@pytest.fixture(scope="session")
+def image_server(tmp_path_factory):
+    """A real HTTP server on loopback with the routes of tests/imageserver.py, serving
+    ok.png, other.png and two bombs (tests/bombs.py)."""
+    from PIL import Image
+
+    from tests.bombs import jpeg_bomb, png_bomb
+    from tests.imageserver import ImageServer
+
+    directory = tmp_path_factory.mktemp("served")
+    Image.new("RGB", (64, 48), (10, 200, 30)).save(directory / "ok.png")
+    Image.new("RGB", (64, 48), (200, 10, 30)).save(directory / "other.png")
+    png_bomb(directory / "bomb.png")
+    jpeg_bomb(directory / "bomb.jpg")
+    server = ImageServer(free_port(), directory)
+    yield server
+    server.close()

@@ -26,20 +26,28 @@ def free_port() -> int:
 
 def run(demo: Demo) -> None:
     started = time.monotonic()
-    if demo.state().get("scale") != demo.scale:
+    state = demo.state()
+    if (state.get("scale"), state.get("images", "local")) != (demo.scale, demo.images):
         # One Milvus serves the whole machine (cofeat dev up reuses a running one), so a
         # fresh demo gets collection names of its own instead of meeting an older run's.
+        # Image URLs are published with their port: a resumed demo serves on the same one.
         demo.state_path.write_text(json.dumps(
-            {"scale": demo.scale, "milvus_prefix": f"demo{uuid.uuid4().hex[:6]}_"}))
+            {"scale": demo.scale, "milvus_prefix": f"demo{uuid.uuid4().hex[:6]}_",
+             "images": demo.images, "image_port": free_port()}))
     demo.env.setdefault("COFEAT_MILVUS_PREFIX", demo.state()["milvus_prefix"])
-    say(f"== cofeat demo ({demo.scale}) in {demo.data_dir}")
-    demo.cofeat("dev", "up")
-    demo.cofeat("migrate")
-    for step, body in (("live", live_loop), ("caught_up", catch_up), ("eval", evaluate)):
-        if step not in demo.state():
-            step_started = time.monotonic()
-            facts = body(demo)
-            demo.mark(step, seconds=round(time.monotonic() - step_started, 1), **facts)
+    say(f"== cofeat demo ({demo.scale}, images {demo.images}) in {demo.data_dir}")
+    images = demo.serve_images(demo.state()["image_port"]) if demo.images == "http" else None
+    try:
+        demo.cofeat("dev", "up")
+        demo.cofeat("migrate")
+        for step, body in (("live", live_loop), ("caught_up", catch_up), ("eval", evaluate)):
+            if step not in demo.state():
+                step_started = time.monotonic()
+                facts = body(demo)
+                demo.mark(step, seconds=round(time.monotonic() - step_started, 1), **facts)
+    finally:
+        if images is not None:
+            stop(images, timeout_s=10)
     from services.demo.report import write_report
 
     path = write_report(demo)
@@ -56,10 +64,13 @@ def live_loop(demo: Demo) -> dict:
     demo.env.update({"COFEAT_RUN_SERVICES": "ingest,refresh,embed",
                      "COFEAT_METRICS_PORT": str(metrics_port)})
     supervisor = demo.background("run", log_name="services")
+    where = []
+    if demo.images == "http":
+        where = ["--image-base-url", demo.image_base_url(demo.state()["image_port"])]
     try:
         demo.cofeat("simulate", "--preset", demo.scale, "--rate", str(RATES[demo.scale]),
                     "--invalid-fraction", "0.002", "--duplicate-fraction", "0.01",
-                    "--format", "jpeg")
+                    "--format", "jpeg", *where)
         wait_for_ingest(demo)
         freshness = scrape_histogram(metrics_port + 3, "cofeat_embed_freshness_seconds")
     finally:

@@ -17,7 +17,7 @@ log = logging.getLogger("cofeat.demo")
 DEMO_ENV = {
     "small": {"COFEAT_CNN_BACKBONE": "small", "COFEAT_CNN_IMAGE_SIZE": "64",
               "COFEAT_CNN_EPOCHS": "8", "COFEAT_CNN_REFRESH_EPOCHS": "2",
-              "COFEAT_ALS_FACTORS": "32", "COFEAT_RUN_REFRESH_EVERY": "60s"},
+              "COFEAT_ALS_FACTORS": "32", "COFEAT_REFRESH_EVERY": "60s"},
     # ~310 projects train on tiny: batches of 32 for 10 epochs are ~100 optimizer steps;
     # 3 epochs of 64 (15 steps) left features worse than random weights.
     "tiny": {"COFEAT_CNN_BACKBONE": "small", "COFEAT_CNN_IMAGE_SIZE": "32",
@@ -25,7 +25,7 @@ DEMO_ENV = {
              "COFEAT_CNN_REFRESH_EPOCHS": "1",
              "COFEAT_ALS_FACTORS": "16", "COFEAT_ALS_ITERATIONS": "8",
              "COFEAT_FILTER_MIN_USER_COUNT": "2", "COFEAT_FILTER_MIN_ITEM_COUNT": "2",
-             "COFEAT_RUN_REFRESH_EVERY": "15s"},
+             "COFEAT_REFRESH_EVERY": "15s"},
 }
 # Slow enough that refreshes and the embedder's model swaps happen while events stream,
 # and new projects keep arriving after a model is live (freshness is measured on them).
@@ -33,9 +33,10 @@ RATES = {"small": 3000, "tiny": 250}
 
 
 class Demo:
-    def __init__(self, data_dir: Path, scale: str):
+    def __init__(self, data_dir: Path, scale: str, images: str = "local"):
         self.data_dir = data_dir.resolve()
         self.scale = scale
+        self.images = images  # "http": published as URLs of a local image server
         self.dir = self.data_dir / "demo"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.state_path = self.dir / "state.json"
@@ -75,6 +76,23 @@ class Demo:
         out = (self.dir / f"{log_name}.log").open("ab")
         return subprocess.Popen([sys.executable, "-m", "services", *args], env=self.env,
                                 stdout=out, stderr=subprocess.STDOUT)
+
+
+    def serve_images(self, port: int) -> subprocess.Popen:
+        """COFEAT_DATA_DIR/images over HTTP on loopback, as a CDN would serve them; every
+        reader is allowed that one address (COFEAT_IMAGE_HOSTS) and nothing else."""
+        images = self.data_dir / "images"
+        images.mkdir(parents=True, exist_ok=True)
+        say(f"$ python -m http.server {port} --bind 127.0.0.1 --directory {images} &")
+        out = (self.dir / "images-http.log").open("ab")
+        proc = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind",
+                                 "127.0.0.1", "--directory", str(images)],
+                                stdout=out, stderr=subprocess.STDOUT)
+        self.env.setdefault("COFEAT_IMAGE_HOSTS", "127.0.0.1")
+        return proc
+
+    def image_base_url(self, port: int) -> str:
+        return f"http://127.0.0.1:{port}/"
 
 
 def stop(proc: subprocess.Popen, timeout_s: float = 60) -> int:

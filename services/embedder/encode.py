@@ -1,7 +1,9 @@
 """Images to vectors with one CNN version, one failure reason per unreadable image.
 
 `shared.vision.embed_images` raises on the first bad image; here a bad image only loses
-its own row, so one corrupt upload never blocks a batch or a backfill.
+its own row, so one corrupt upload never blocks a batch or a backfill. Images are read
+through the process's `shared.images.ImageReader` (policy, bounds, cache; remote fetches
+run concurrently) and decoded here, a few at a time.
 """
 
 from __future__ import annotations
@@ -11,16 +13,15 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from services.embedder.states import State
 from shared.cnn import load_cnn
-from shared.events import InvalidEvent, image_path
+from shared.images import ImageError, ImageReader, ordered
 from shared.settings import Settings
-from shared.vision import autocast, preprocess
+from shared.vision import autocast, resize_crop, to_tensor
 
 log = logging.getLogger("cofeat.embed")
 
@@ -48,27 +49,24 @@ def pick_device(setting: str) -> torch.device:
     return torch.device(setting)
 
 
-def resolve(uri: str, data_dir: Path) -> Path:
-    """A path or file:// URI; relative paths are under COFEAT_DATA_DIR."""
-    path = Path(image_path(uri))
-    return path if path.is_absolute() else Path(data_dir) / path
-
-
-def load(item: State, data_dir: Path, image_size: int) -> tuple[torch.Tensor | None, str]:
-    """(tensor, "") or (None, reason): the model's input, or why there is none."""
+def load(reader: ImageReader, data: bytes | ImageError,
+         image_size: int) -> tuple[torch.Tensor | None, ImageError | None]:
+    """(tensor, None) or (None, why): the model's input, or why there is none."""
     try:
-        return preprocess(resolve(item.image_uri, data_dir), image_size), ""
-    except InvalidEvent as error:
-        return None, error.reason
-    except Exception as error:  # PIL raises many types for broken files
-        return None, f"{type(error).__name__}: {str(error)[:200]}"
+        if isinstance(data, ImageError):
+            raise data
+        return to_tensor(resize_crop(reader.decode(data, image_size), image_size)), None
+    except ImageError as error:
+        return None, error
 
 
 class Encoder:
     """One CNN version in eval mode on the chosen device."""
 
-    def __init__(self, settings: Settings, version_row: dict):
+    def __init__(self, settings: Settings, version_row: dict,
+                 reader: ImageReader | None = None):
         self.settings = settings
+        self.reader = reader or ImageReader.from_settings(settings)
         self.version_row = version_row
         self.version = int(version_row["id"])
         self.device = pick_device(settings.embed_device)
@@ -90,8 +88,8 @@ class Encoder:
         batch_size = self.settings.embed_batch_size
         for start in range(0, len(items), batch_size):
             batch = [(item, *next(decoded)) for item in items[start:start + batch_size]]
-            failed += [(item, reason) for item, _, reason in batch if reason]
-            good = [(item, tensor) for item, tensor, reason in batch if not reason]
+            failed += [(item, error.reason) for item, _, error in batch if error]
+            good = [(item, tensor) for item, tensor, error in batch if not error]
             if good:
                 vectors = self._forward(torch.stack([tensor for _, tensor in good]))
                 rows += [self.row(item, vector) for (item, _), vector in zip(good, vectors,
@@ -99,15 +97,18 @@ class Encoder:
         return Result(rows, failed, time.perf_counter() - started)
 
     def _decode(self, items: list[State], size: int) -> Iterator[tuple]:
-        """Decoded images in order; a thread pool decodes ahead while the model runs
-        (PIL releases the GIL while decoding; threads, unlike DataLoader processes, are
-        not forked from a process holding gRPC and Kafka client threads)."""
-        def one(item: State) -> tuple:
-            return load(item, self.settings.data_dir, size)
+        """Decoded images in order. The reader fetches concurrently; a thread pool decodes
+        ahead while the model runs (PIL releases the GIL while decoding; threads, unlike
+        DataLoader processes, are not forked from a process holding gRPC and Kafka client
+        threads), a bounded window ahead so memory stays bounded too."""
+        fetched = self.reader.fetch_many(item.image_uri for item in items)
+
+        def one(data: bytes | ImageError) -> tuple:
+            return load(self.reader, data, size)
 
         if self.pool is None or len(items) < WORKERS_FROM:
-            return map(one, items)
-        return self.pool.map(one, items)
+            return map(one, fetched)
+        return ordered(self.pool, one, fetched, 2 * self.settings.embed_workers)
 
     def _forward(self, batch: torch.Tensor) -> np.ndarray:
         if self.device.type == "cuda":

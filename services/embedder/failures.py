@@ -1,9 +1,13 @@
-"""Images that could not be embedded: retried after COFEAT_EMBED_RETRY_INTERVAL_S, parked
-after COFEAT_EMBED_MAX_ATTEMPTS.
+"""Images that could not be embedded, retried at COFEAT_EMBED_RETRY_INTERVAL_S, never back
+to back.
 
-A failure belongs to one project state (`state_version`): a parked project is left out of
-Milvus and of what a complete collection must hold, until its state changes (an `updated`
-event with a fixed image) or a later embed of it succeeds.
+A failure belongs to one project state (`state_version`). `attempts` counts permanent
+failures in a row (404, 403, not an image, refused by policy): at
+COFEAT_EMBED_MAX_ATTEMPTS the state is parked, left out of Milvus and of what a complete
+collection holds, until the project's state changes (an `updated` event with a fixed
+image). A transient failure (5xx, reset, timeout: its reason starts "unavailable: ") sets
+`attempts` to 0: a storage outage says nothing about the image, so however long it lasts,
+nothing is parked for it, and the row the collection had stays until the storage answers.
 """
 
 from __future__ import annotations
@@ -16,16 +20,18 @@ import psycopg
 from services.embedder import metrics
 from services.embedder.states import State
 from services.embedder.writer import Written
+from shared.images import is_transient_reason
 from shared.settings import Settings
 
 log = logging.getLogger("cofeat.embed")
 
 _RECORD = """
 INSERT INTO embed_failures AS f (project_id, image_uri, state_version, reason, attempts)
-VALUES (%s, %s, %s, %s, 1)
+VALUES (%(id)s, %(uri)s, %(version)s, %(reason)s, CASE WHEN %(transient)s THEN 0 ELSE 1 END)
 ON CONFLICT (project_id) DO UPDATE SET
     image_uri = EXCLUDED.image_uri, reason = EXCLUDED.reason,
-    attempts = CASE WHEN f.state_version = EXCLUDED.state_version THEN f.attempts + 1
+    attempts = CASE WHEN %(transient)s THEN 0
+                    WHEN f.state_version = EXCLUDED.state_version THEN f.attempts + 1
                     ELSE 1 END,
     state_version = EXCLUDED.state_version, last_failed_at = now(),
     first_failed_at = CASE WHEN f.state_version = EXCLUDED.state_version
@@ -33,21 +39,27 @@ ON CONFLICT (project_id) DO UPDATE SET
 RETURNING project_id, attempts
 """
 
-# Due: below the limit and past the interval, or the project has moved on to a new state.
+# Due: unparked and past its interval (transient ones wait the configured one even in a
+# drain), or the project has moved on to a new state.
 _DUE = """
 SELECT f.project_id FROM embed_failures f JOIN projects p USING (project_id)
 WHERE p.status = 'live' AND (
     p.state_version <> f.state_version
-    OR (f.attempts < %(max)s AND f.last_failed_at <= now() - make_interval(secs => %(interval)s)))
+    OR (f.attempts < %(max)s AND f.attempts >= %(min)s
+        AND f.last_failed_at <= now() - make_interval(
+            secs => CASE WHEN f.attempts = 0 THEN %(transient)s ELSE %(interval)s END)))
 ORDER BY f.last_failed_at LIMIT %(limit)s
 """
 
 
 def record(cur: psycopg.Cursor, failed: Iterable[tuple[State, str]]) -> dict[int, int]:
-    """One more attempt per failed state; returns {project_id: attempts at that state}."""
+    """One more attempt per failed state; returns {project_id: attempts at that state}
+    (0: its storage did not answer)."""
     attempts = {}
     for state, reason in failed:
-        cur.execute(_RECORD, (state.project_id, state.image_uri, state.version, reason[:500]))
+        cur.execute(_RECORD, {"id": state.project_id, "uri": state.image_uri,
+                              "version": state.version, "reason": reason[:500],
+                              "transient": is_transient_reason(reason)})
         project_id, count = cur.fetchone()
         attempts[project_id] = count
     return attempts
@@ -59,12 +71,23 @@ def clear(cur: psycopg.Cursor, project_ids: Iterable[int]) -> None:
         cur.execute("DELETE FROM embed_failures WHERE project_id = ANY(%s)", (ids,))
 
 
-def due(conn: psycopg.Connection, max_attempts: int, interval_s: float,
-        limit: int) -> list[int]:
+def due(conn: psycopg.Connection, max_attempts: int, interval_s: float, limit: int,
+        transient_interval_s: float | None = None, permanent_only: bool = False) -> list[int]:
+    """Projects whose failed image is due again: permanent failures `interval_s` after the
+    last one, transient ones `transient_interval_s` after (default: the same)."""
+    transient = interval_s if transient_interval_s is None else transient_interval_s
     with conn.transaction():
         rows = conn.execute(_DUE, {"max": max_attempts, "interval": interval_s,
+                                   "transient": transient, "min": int(permanent_only),
                                    "limit": limit}).fetchall()
     return [row[0] for row in rows]
+
+
+def waiting_for_storage(conn: psycopg.Connection) -> int:
+    """Images whose last failure was transient: retried until their storage answers."""
+    with conn.transaction():
+        return conn.execute("SELECT count(*) FROM embed_failures WHERE attempts = 0"
+                            ).fetchone()[0]
 
 
 _UPSERT_OFFSETS = """
@@ -109,6 +132,10 @@ def log_failures(failed: Iterable[tuple[State, str]], attempts: Mapping[int, int
     for state, reason in failed:
         count = attempts[state.project_id]
         metrics.IMAGE_FAILURES.inc()
+        if count == 0:
+            log.warning("project %d: image %s unavailable (%s): retried later, never parked "
+                        "for that", state.project_id, state.image_uri, reason)
+            continue
         if count >= max_attempts:
             metrics.PARKED.inc()
         log.warning("project %d: image %s unreadable (%s), attempt %d of %d%s",

@@ -22,6 +22,7 @@ from services.embedder.encode import Encoder
 from services.embedder.writer import Target, Writer, Written
 from shared import milvus as contract
 from shared.cnn import cnn_version, current_cnn_version
+from shared.images import ImageReader
 from shared.logs import bind
 from shared.settings import Settings
 
@@ -32,9 +33,9 @@ class Lifecycle:
     def __init__(self, settings: Settings, milvus: mv.Milvus,
                  db: Callable[[], psycopg.Connection], writer: Writer,
                  confirm_leading: Callable[[], None],
-                 on_written: Callable[[dict, Written], None]):
+                 on_written: Callable[[dict, Written], None], reader: ImageReader):
         self.settings, self.milvus, self.db, self.writer = settings, milvus, db, writer
-        self.confirm_leading, self.on_written = confirm_leading, on_written
+        self.confirm_leading, self.on_written, self.reader = confirm_leading, on_written, reader
         self.encoders: dict[int, Encoder] = {}
         self.live: Target | None = None  # the collection behind the projects alias
         self.live_since_ms: float | None = None  # when a model first served (freshness)
@@ -47,7 +48,7 @@ class Lifecycle:
 
     def encoder(self, row: dict) -> Encoder:
         if row["id"] not in self.encoders:
-            self.encoders[row["id"]] = Encoder(self.settings, row)
+            self.encoders[row["id"]] = Encoder(self.settings, row, self.reader)
         return self.encoders[row["id"]]
 
     def targets(self) -> list[Target]:

@@ -48,10 +48,13 @@ class Drift:
                 "stale": len(self.stale)}
 
 
-def _diff(expected: dict[int, int], held: dict[int, tuple[int, int]], model_version: int,
-          drift: Drift) -> None:
+def _diff(expected: dict[int, int | None], held: dict[int, tuple[int, int]],
+          model_version: int, drift: Drift) -> None:
+    """`expected` None: any row or none will do (see states.expected_page)."""
     for project_id, version in expected.items():
         row = held.get(project_id)
+        if version is None:
+            continue
         if row is None:
             drift.missing.append(project_id)
         elif row != (version, model_version):
@@ -82,8 +85,14 @@ def confirm(milvus: mv.Milvus, db: Callable[[], psycopg.Connection], name: str,
     ids = suspects.ids()
     if not ids:
         return Drift()
-    wanted = states.wanted_for(db(), ids)
-    expected = {pid: s.version for pid, s in wanted.items() if s is not None}
+    found = states.current(db(), ids)
+    expected = {}
+    for pid in ids:
+        want = states.wanted(found.get(pid))
+        if want is states.LEAVE:
+            expected[pid] = None
+        elif want is not None:
+            expected[pid] = want.version
     held = _held(milvus, name, ids)
     drift = Drift()
     _diff(expected, held, model_version, drift)

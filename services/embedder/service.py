@@ -32,6 +32,7 @@ from services.embedder.stream import Stream
 from services.embedder.writer import Writer, Written
 from shared.db.locks import SessionLock
 from shared.db.store import load_offsets
+from shared.images import ImageReader
 from shared.settings import Settings
 
 log = logging.getLogger("cofeat.embed")
@@ -49,7 +50,8 @@ class Embedder:
         self.db = Database(settings, self.halted)
         self.writer = Writer(settings, self.milvus)
         self.lifecycle = Lifecycle(settings, self.milvus, self.db, self.writer,
-                                   self.confirm_leading, self.record)
+                                   self.confirm_leading, self.record,
+                                   ImageReader.from_settings(settings))  # pools, cache
         self.stream: Stream | None = None
         self.reconciler = Reconciler(settings, self.milvus, self.db, self.writer,
                                      lambda: self.lifecycle.live, self.caught_up, self.record)
@@ -84,8 +86,11 @@ class Embedder:
         if time.monotonic() < self.next_retry or not self.lifecycle.targets():
             return
         self.next_retry = time.monotonic() + min(interval, 5.0)
+        # A drain retries permanent failures at once (nothing else is left to do), but an
+        # unavailable storage only at the configured interval.
         ids = failures.due(self.db(), self.settings.embed_max_attempts, interval,
-                           self.settings.embed_backfill_chunk)
+                           self.settings.embed_backfill_chunk,
+                           transient_interval_s=self.settings.embed_retry_interval_s)
         if not ids:
             return
         # The image of exactly this state failed before: try it again.
@@ -98,7 +103,16 @@ class Embedder:
             log.info("retried %d projects successfully", len(written.done(wanted)))
 
     def retries_pending(self) -> bool:
-        return bool(failures.due(self.db(), self.settings.embed_max_attempts, 0.0, 1))
+        """Permanent failures not parked yet; images waiting for an unavailable storage
+        do not hold a drain up (the running embedder retries them)."""
+        return bool(failures.due(self.db(), self.settings.embed_max_attempts, 0.0, 1,
+                                 permanent_only=True))
+
+    def report_waiting(self) -> None:
+        waiting = failures.waiting_for_storage(self.db())
+        if waiting:
+            log.warning("%d images wait for their storage to answer again (transient "
+                        "failures); the running embedder retries them", waiting)
 
     # -- the loop ------------------------------------------------------------------------
 
@@ -134,6 +148,7 @@ class Embedder:
                 timed(part)
             if self.drain and self.drained():
                 log.info("backfills done and caught up on every partition; draining done")
+                self.report_waiting()
                 return True
         except psycopg.Error as error:
             self.db.failed(error)  # retried on the next turn: every write is idempotent

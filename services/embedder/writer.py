@@ -4,8 +4,9 @@ Whoever asks (the stream, a backfill page, a retry, a repair) hands over what ea
 should look like - its current live state, or None for "no row" - and the writer makes
 each target collection hold exactly that: rows already at that state version are left
 alone (a replayed or duplicate event costs one query, not an embed), others are embedded
-with the collection's own model and upserted, the rest deleted. A state whose image fails
-loses its row too: a collection never shows an image the project no longer has.
+with the collection's own model and upserted, the rest deleted. A state whose image is
+broken loses its row too (a collection never shows an image the project no longer has);
+one whose storage did not answer keeps the row it had until the retry.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 from services.embedder import collections as mv
 from services.embedder.encode import Encoder
 from services.embedder.states import State
+from shared.images import is_transient_reason
 from shared.settings import Settings
 
 
@@ -62,7 +64,9 @@ class Writer:
         written.embedded += len(todo)
         mv.upsert(self.milvus, [target.name], result.rows, self.settings.embed_insert_rows)
         gone = [pid for pid, state in wanted.items() if state is None]
-        gone += [state.project_id for state, _ in result.failed]
+        # An image its storage did not serve keeps the row it has until the retry.
+        gone += [state.project_id for state, why in result.failed
+                 if not is_transient_reason(why)]
         mv.delete(self.milvus, [target.name], gone)
         written.deleted += len(gone)
         written.failed.update({state.project_id: (state, why) for state, why in result.failed})

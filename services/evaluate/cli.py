@@ -33,6 +33,7 @@ def main(
     from services.evaluate import report
     from services.evaluate.evaluate import EvalConfig, EvalError, run
     from shared.db.connect import connect
+    from shared.images import ImageReader
     from shared.logs import setup_logging
 
     try:
@@ -49,7 +50,8 @@ def main(
     out.mkdir(parents=True, exist_ok=True)
     try:
         with connect(settings) as conn:
-            outcome = run(conn, settings.data_dir, config, out / "work")
+            outcome = run(conn, settings.data_dir, config, out / "work",
+                          ImageReader.from_settings(settings))
     except EvalError as error:
         typer.echo(f"cofeat eval: {error}", err=True)
         raise typer.Exit(1) from None

@@ -19,12 +19,12 @@ from services.evaluate.features import handcrafted_features
 from services.evaluate.metrics import linear_probe, map_at_k, recall_at_k, user_profiles
 from shared import groundtruth
 from shared.cnn import current_cnn_version, model_path
-from shared.events import local_image
 from shared.factors import Factors, current_factor_version, factor_version, load_factors
-from shared.training.data import DECODE_ERRORS, Augment, holdout_mask
+from shared.images import ImageError, ImageReader, Policy
+from shared.training.data import Augment, holdout_mask
 from shared.training.targets import make_targets, normalize_rows
 from shared.training.train import EpochHook, Split, TrainConfig, train
-from shared.vision import MEAN, STD, CofeatNet, ModelConfig, build_model, load_model, read_pixels
+from shared.vision import MEAN, STD, CofeatNet, ModelConfig, build_model, load_model, resize_crop
 
 log = logging.getLogger(__name__)
 
@@ -80,9 +80,10 @@ class Catalog:
     """Live projects with ground truth, in id order."""
 
     ids: np.ndarray
-    paths: list[str]
+    paths: list[str]  # image_uris
     style: np.ndarray
     category: np.ndarray
+    reader: ImageReader | None = None  # how `paths` are read
 
 
 @dataclass
@@ -134,11 +135,13 @@ class Outcome:
 # -- inputs ---------------------------------------------------------------------------
 
 
-def prepare(conn, data_dir: Path, config: EvalConfig) -> Inputs:
-    """Versions, catalog, recipe and split; EvalError when there is nothing to compare."""
+def prepare(conn, data_dir: Path, config: EvalConfig,
+            reader: ImageReader | None = None) -> Inputs:
+    """Versions, catalog, recipe and split; EvalError when there is nothing to compare.
+    `reader` reads the image_uris (default: COFEAT_IMAGE_* for this data_dir)."""
     truth = groundtruth.read(data_dir)
     factor_row, factors, cnn_row = load_versions(conn, data_dir)
-    catalog = load_catalog(conn, truth)
+    catalog = load_catalog(conn, truth, reader or _reader(data_dir))
     plan = make_plan(data_dir, cnn_row, config)
     sets = split_sets(catalog, factors, plan, config.max_projects, config.seed)
     log.info("projects: %d train, %d held out with factors, %d new", len(sets.train),
@@ -162,17 +165,22 @@ def load_versions(conn, data_dir: Path) -> tuple[dict, Factors, dict | None]:
     return factor_row, load_factors(data_dir, factor_row), cnn_row
 
 
-def load_catalog(conn, truth: groundtruth.GroundTruth) -> Catalog:
+def _reader(data_dir: Path) -> ImageReader:
+    from shared.settings import load_settings
+
+    return ImageReader.from_settings(load_settings(data_dir=data_dir))
+
+
+def load_catalog(conn, truth: groundtruth.GroundTruth, reader: ImageReader) -> Catalog:
     rows = conn.execute("SELECT project_id, image_uri FROM projects WHERE status = 'live' "
                         "ORDER BY project_id").fetchall()
     conn.commit()
     known = set(truth.project_ids.tolist())
-    # As the CNN refresh does: a project whose image file is gone cannot be embedded.
-    rows = [(pid, local_image(uri)) for pid, uri in rows if pid in known]
-    rows = [(pid, path) for pid, path in rows if path is not None]
+    # As the CNN refresh does: an image_uri the policy refuses is never read.
+    rows = [(pid, uri) for pid, uri in rows if pid in known and reader.allowed(uri)]
     ids = np.array([pid for pid, _ in rows], dtype=np.int64)
-    return Catalog(ids, [path for _, path in rows],
-                   truth.style_of(ids).astype(np.int64), truth.category_of(ids).astype(np.int64))
+    return Catalog(ids, [uri for _, uri in rows], truth.style_of(ids).astype(np.int64),
+                   truth.category_of(ids).astype(np.int64), reader)
 
 
 def make_plan(data_dir: Path, cnn_row: dict | None, config: EvalConfig) -> Plan:
@@ -251,7 +259,7 @@ def build_models(catalog: Catalog, factors: Factors, sets: Sets, plan: Plan,
             continue
         targets = make_targets(item_factors, mode, k=plan.pseudo_classes, seed=seed)
         models[source] = train_source(source, paths, targets.values, targets.out_dim, mode,
-                                      plan, work_dir, progress)
+                                      plan, work_dir, progress, reader=catalog.reader)
         if mode == "pseudo-class":
             centroids = targets.centroids
     if live_mode == "pseudo-class":
@@ -259,20 +267,22 @@ def build_models(catalog: Catalog, factors: Factors, sets: Sets, plan: Plan,
     categories = catalog.category[sets.train]
     models[CATEGORY] = train_source(CATEGORY, paths, categories,
                                     int(catalog.category.max()) + 1, "pseudo-class", plan,
-                                    work_dir, progress)
+                                    work_dir, progress, reader=catalog.reader)
     models[RANDOM] = random_init(plan, factors.item_factors.shape[1], seed)
     return models, centroids
 
 
 def train_source(source: str, paths: list[str], targets: np.ndarray, out_dim: int, mode: str,
                  plan: Plan, work_dir: Path, progress: bool,
-                 on_epoch: EpochHook | None = None) -> CofeatNet:
+                 on_epoch: EpochHook | None = None,
+                 reader: ImageReader | None = None) -> CofeatNet:
     log.info("training %s on %d projects, %d epochs", source, len(paths),
              plan.train_config.epochs)
     model_config = replace(plan.model_config, out_dim=out_dim)
     config = replace(plan.train_config, mode=mode)
     # Its own folder per source: train() resumes from checkpoints there after a crash.
-    result = train(model_config, Split(paths, targets), None, config, work_dir / source,
+    result = train(model_config, Split(paths, targets, reader=reader), None, config,
+                   work_dir / source,
                    on_epoch=on_epoch, progress=progress, device=torch.device("cpu"))
     return result.model.eval()
 
@@ -289,15 +299,21 @@ def random_init(plan: Plan, out_dim: int, seed: int) -> CofeatNet:
 
 def read_images(catalog: Catalog, rows: np.ndarray, image_size: int) -> np.ndarray:
     """uint8 N x S x S x 3: the serving view (centre square, resized), decoded once and
-    shared by every source."""
+    shared by every source; fetched concurrently."""
     from tqdm import tqdm
 
+    reader = catalog.reader or ImageReader(Policy.local_files())
     out = np.zeros((len(rows), image_size, image_size, 3), dtype=np.uint8)
-    for n, row in enumerate(tqdm(rows, desc="images", unit="img", disable=None)):
+    fetched = reader.fetch_many(catalog.paths[row] for row in rows)
+    bar = tqdm(zip(rows, fetched, strict=True), total=len(rows), desc="images", unit="img",
+               disable=None)
+    for n, (row, data) in enumerate(bar):
         try:
-            out[n] = read_pixels(catalog.paths[row], image_size)
-        except DECODE_ERRORS as error:  # a black tile: one bad file must not stop the run
-            log.warning("unreadable image %s: %s", catalog.paths[row], error)
+            if isinstance(data, ImageError):
+                raise data
+            out[n] = np.asarray(resize_crop(reader.decode(data, image_size), image_size))
+        except ImageError as error:  # a black tile: one bad image must not stop the run
+            log.warning("unreadable image %s: %s", catalog.paths[row], error.reason)
     return out
 
 
@@ -435,8 +451,9 @@ def user_recall(source: str, recall: Recall, factors: Factors, item_vectors: np.
 # -- the whole comparison -------------------------------------------------------------
 
 
-def run(conn, data_dir: Path, config: EvalConfig, work_dir: Path) -> Outcome:
-    inputs = prepare(conn, data_dir, config)
+def run(conn, data_dir: Path, config: EvalConfig, work_dir: Path,
+        reader: ImageReader | None = None) -> Outcome:
+    inputs = prepare(conn, data_dir, config, reader)
     catalog, factors, plan, sets = inputs.catalog, inputs.factors, inputs.plan, inputs.sets
     models, centroids = build_models(catalog, factors, sets, plan, work_dir, config.seed,
                                      config.progress)
@@ -526,7 +543,7 @@ def neighbours(catalog, factors, sets, features, at, seed, queries: int = 4,
         sims[np.arange(len(own)), own] = -np.inf  # a query is not its own neighbour
         found[source] = rows[np.argsort(-sims, axis=1, kind="stable")[:, :k]]
     return {"queries": query_rows, "neighbours": found, "paths": catalog.paths,
-            "style": catalog.style, "category": catalog.category}
+            "style": catalog.style, "category": catalog.category, "reader": catalog.reader}
 
 
 def _index_of(rows: np.ndarray, wanted: np.ndarray) -> np.ndarray:

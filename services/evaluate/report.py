@@ -64,7 +64,6 @@ def plot_neighbours(path: Path, found: dict, world: dict | None = None) -> Path:
 
     matplotlib.use("Agg")  # headless; must precede pyplot's import
     import matplotlib.pyplot as plt
-    from PIL import Image
 
     sources = [s for s in COLUMNS if s in found["neighbours"]]
     queries = found["queries"]
@@ -77,12 +76,25 @@ def plot_neighbours(path: Path, found: dict, world: dict | None = None) -> Path:
             line = axes[qn * len(sources) + sn]
             rows = [query, *found["neighbours"][source][qn]]
             for col, row in enumerate(rows):
-                _tile(line[col], Image.open(found["paths"][row]), found, row, query, col)
+                _tile(line[col], _image(found, row), found, row, query, col)
             line[0].set_ylabel(source, rotation=0, ha="right", va="center", fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=72)
     plt.close(fig)
     return Path(path)
+
+
+def _image(found: dict, row: int):
+    """The project's image through the evaluation's reader; grey when it is unreadable."""
+    from PIL import Image
+
+    from shared import images
+
+    reader = found.get("reader") or images.local_files()
+    try:
+        return reader.open(found["paths"][row])
+    except images.ImageError:
+        return Image.new("RGB", (8, 8), (128, 128, 128))
 
 
 def _tile(axis, image, found, row, query, col) -> None:

@@ -1,28 +1,52 @@
-"""`cofeat refresh ...`: the factor refresh (and, later, the CNN) as a one-shot or a loop."""
+"""`cofeat refresh ...`: the factor refresh and the CNN, once or in the one refresh loop.
+
+`--loop` repeats every COFEAT_REFRESH_EVERY (`--every` overrides it for one process) and
+writes the heartbeat `cofeat-healthcheck --heartbeat` reads (services/refresh/heartbeat.py).
+"""
 
 from __future__ import annotations
 
 import logging
-import re
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import typer
 
-from shared.settings import Settings, SettingsError, exit_on_settings_error, load_settings
+from services.refresh.heartbeat import beat
+from shared.settings import (
+    Settings,
+    SettingsError,
+    exit_on_settings_error,
+    interval_seconds,
+    load_settings,
+)
 
 app = typer.Typer(add_completion=False)
 log = logging.getLogger("cofeat.refresh")
 
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+ONCE = typer.Option(False, "--once", help="Run once and exit.")
+LOOP = typer.Option(False, "--loop", help="Repeat every COFEAT_REFRESH_EVERY (default 10m).")
+EVERY = typer.Option(None, "--every", help="Repeat at this interval instead, e.g. 10m, 1h.")
 
 
 def parse_interval(text: str) -> float:
     """'90s', '10m', '1.5h', '1d' or plain seconds."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text)
-    if not match or float(match[1]) <= 0:
-        raise typer.BadParameter(f"{text!r} is not an interval like 10m, 90s or 1h")
-    return float(match[1]) * _UNITS[match[2] or "s"]
+    try:
+        return interval_seconds(text)
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from None
+
+
+def check_mode(once: bool, loop: bool, every: str | None) -> float | None:
+    """Exactly one of --once and --loop/--every; returns --every's seconds, if given."""
+    if once == (loop or every is not None):
+        raise typer.BadParameter("give exactly one of --once and --loop (or --every)")
+    return parse_interval(every) if every is not None else None
+
+
+def interval(settings: Settings, every_s: float | None) -> float:
+    return every_s or interval_seconds(settings.refresh_every)
 
 
 def start_service(name: str) -> Settings:
@@ -47,9 +71,10 @@ def run_factors_once(settings: Settings, full: bool = False):
     return run(settings, full=full)
 
 
-def repeat(every_s: float, step: Callable[[], object]) -> None:
-    """Run `step` every `every_s` seconds, measured start to start; a failed run is logged
-    and the loop goes on (the database may be back by the next tick)."""
+def repeat(every_s: float, step: Callable[[], object], data_dir: Path) -> None:
+    """The refresh loop: `step` every `every_s` seconds, start to start. A finished run
+    writes the heartbeat; a failed one is logged and the loop goes on (the database may be
+    back by the next tick), so the heartbeat ages until a run succeeds again."""
     from shared.metrics import health
 
     while True:
@@ -57,6 +82,7 @@ def repeat(every_s: float, step: Callable[[], object]) -> None:
         try:
             step()
             health.set(True, "ok")
+            beat(data_dir, every_s)
         except Exception as error:
             log.exception("refresh run failed; retrying at the next interval")
             health.set(False, f"last refresh failed: {type(error).__name__}")
@@ -81,26 +107,23 @@ def _check_schema(settings: Settings) -> None:
 
 
 @app.callback(invoke_without_command=True)
-def refresh_group(
-        ctx: typer.Context,
-        once: bool = typer.Option(False, "--once", help="Factors, then the CNN, once."),
-        every: str = typer.Option(None, "--every", help="Factors then CNN in a loop, e.g. 10m."),
-) -> None:
-    """Factorize interactions and train the CNN (`--once`/`--every`: both, in that order)."""
+def refresh_group(ctx: typer.Context, once: bool = ONCE, loop: bool = LOOP,
+                  every: str = EVERY) -> None:
+    """Factorize interactions and train the CNN (`--once`/`--loop`: both, in that order)."""
     if ctx.invoked_subcommand is not None:
-        if once or every:
-            raise typer.BadParameter("--once/--every go after the subcommand here")
+        if once or loop or every:
+            raise typer.BadParameter("--once/--loop/--every go after the subcommand here")
         return
-    if once == (every is not None):
+    if not (once or loop or every):
         typer.echo(ctx.get_help())
-        raise typer.Exit(0 if not once and every is None else 2)
-    interval = parse_interval(every) if every else None
+        raise typer.Exit(0)
+    every_s = check_mode(once, loop, every)
     settings = start_service("refresh")
     _check_schema(settings)
     if once:
         _both(settings)
         return
-    repeat(interval, lambda: _both(settings))
+    repeat(interval(settings, every_s), lambda: _both(settings), settings.data_dir)
 
 
 def _both(settings: Settings) -> None:
@@ -117,15 +140,10 @@ def run_cnn_once(settings: Settings, full: bool = False):
 
 
 @app.command("cnn")
-def cnn_command(
-        once: bool = typer.Option(False, "--once", help="Train or refresh once and exit."),
-        every: str = typer.Option(None, "--every", help="Refresh in a loop, e.g. 1h."),
-        full: bool = typer.Option(False, "--full", help="Retrain from scratch."),
-) -> None:
+def cnn_command(once: bool = ONCE, loop: bool = LOOP, every: str = EVERY,
+                full: bool = typer.Option(False, "--full", help="Retrain from scratch.")) -> None:
     """Train the CNN to predict latent factors from images (fine-tunes the live model)."""
-    if once == (every is not None):
-        raise typer.BadParameter("give exactly one of --once and --every")
-    interval = parse_interval(every) if every else None
+    every_s = check_mode(once, loop, every)
     settings = start_service("refresh-cnn")
     _check_schema(settings)
     if once:
@@ -133,19 +151,16 @@ def cnn_command(
         typer.echo(f"cnn: {result.status} version={result.version_id} "
                    f"mode={result.mode} ({result.reason})")
         return
-    repeat(interval, lambda: run_cnn_once(settings, full=full))
+    repeat(interval(settings, every_s),
+           lambda: run_cnn_once(settings, full=full), settings.data_dir)
 
 
 @app.command("factors")
-def factors_command(
-        once: bool = typer.Option(False, "--once", help="Run one refresh and exit."),
-        every: str = typer.Option(None, "--every", help="Refresh in a loop, e.g. 10m."),
-        full: bool = typer.Option(False, "--full", help="Full refit instead of incremental."),
-) -> None:
+def factors_command(once: bool = ONCE, loop: bool = LOOP, every: str = EVERY,
+                    full: bool = typer.Option(False, "--full",
+                                              help="Full refit instead of incremental.")) -> None:
     """Factorize the interaction store into a new latent factor version."""
-    if once == (every is not None):
-        raise typer.BadParameter("give exactly one of --once and --every")
-    interval = parse_interval(every) if every else None
+    every_s = check_mode(once, loop, every)
     settings = start_service("refresh-factors")
     _check_schema(settings)
     if once:
@@ -153,4 +168,5 @@ def factors_command(
         typer.echo(f"factors: {result.status} version={result.version_id} "
                    f"mode={result.mode} ({result.reason})")
         return
-    repeat(interval, lambda: run_factors_once(settings, full=full))
+    repeat(interval(settings, every_s),
+           lambda: run_factors_once(settings, full=full), settings.data_dir)

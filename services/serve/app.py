@@ -5,7 +5,10 @@
     GET  /v1/users/{user_id}/recommendations?k=20&new_only=false&published_since=ISO8601
     GET  /healthz  /readyz  /metrics  /openapi.json  /docs
 
-Query endpoints need `Authorization: Bearer <COFEAT_API_TOKEN>` when that is set.
+Query endpoints need `Authorization: Bearer <COFEAT_API_TOKEN>` when that is set; it is
+checked before any of the request body is read. Image queries run at most
+COFEAT_SERVE_IMAGE_CONCURRENCY at a time; the others wait up to COFEAT_SERVE_IMAGE_WAIT_S,
+then get 503 with Retry-After.
 """
 
 from __future__ import annotations
@@ -13,12 +16,14 @@ from __future__ import annotations
 import gc
 import hmac
 import logging
+import math
 import threading
 import time
 from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Annotated, Any
 
+import anyio
 from fastapi import (
     APIRouter,
     Depends,
@@ -31,13 +36,16 @@ from fastapi import (
     UploadFile,
 )
 from fastapi.responses import JSONResponse, Response
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
+from fastapi.security import HTTPBearer
+from fastapi.security.utils import get_authorization_scheme_param
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, SecretStr
 from pymilvus.exceptions import MilvusException
 
+from services.serve.lazy import LazyMilvus
 from services.serve.live import BadImage, ModelHolder, NoModel, embed_bytes
 from shared.client import CofeatClient, Hit, NotFound, epoch_ms
+from shared.milvus import connect as connect_milvus
 from shared.settings import Settings
 
 log = logging.getLogger("cofeat.serve")
@@ -51,6 +59,10 @@ REQUESTS = Counter("cofeat_serve_requests_total", "HTTP requests answered",
                    ["route", "status"])
 LATENCY = Histogram("cofeat_serve_request_seconds", "HTTP request latency", ["route"],
                     buckets=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5))
+IMAGE_QUERIES = Gauge("cofeat_serve_image_queries", "image queries decoding and embedding "
+                      "(running) or waiting for a slot (waiting)", ["state"])
+IMAGE_BUSY = Counter("cofeat_serve_image_busy_total",
+                     "image queries answered 503 after waiting COFEAT_SERVE_IMAGE_WAIT_S")
 
 
 class HitOut(BaseModel):
@@ -77,7 +89,9 @@ def results(query: dict, hits: list[Hit]) -> JSONResponse:
 
 def create_app(settings: Settings, client: CofeatClient | None = None,
                models: ModelHolder | None = None, watch: bool = True) -> FastAPI:
-    client = client or CofeatClient.from_settings(settings)
+    # Connected on first use: serve starts, and says it is not ready, while Milvus is down.
+    client = client or CofeatClient.from_settings(
+        settings, milvus=LazyMilvus(lambda: connect_milvus(settings, dedicated=True)))
     models = models or ModelHolder(settings, client)
 
     @asynccontextmanager
@@ -103,31 +117,104 @@ def create_app(settings: Settings, client: CofeatClient | None = None,
                   description="Similar projects and recommendations from cofeat's vectors.",
                   max_body_size=settings.serve_max_upload_bytes + MULTIPART_SLACK)
     app.state.settings, app.state.client, app.state.models = settings, client, models
+    app.state.image_slots = ImageSlots(settings.serve_image_concurrency,
+                                       settings.serve_image_wait_s)
     app.include_router(health)
-    app.include_router(queries, dependencies=[Depends(bearer_guard(settings.api_token))])
+    # BEARER only documents the scheme in /openapi.json; BearerGuard enforces it.
+    app.include_router(queries, dependencies=[Depends(BEARER)])
     app.add_exception_handler(NotFound, _not_found)
     app.add_exception_handler(MilvusException, _milvus_down)
-    app.add_middleware(Metrics)
+    app.add_middleware(BearerGuard, token=settings.api_token, prefix=queries.prefix + "/")
+    app.add_middleware(Metrics)  # outermost: refused requests are counted too
     return app
 
 
-BEARER = HTTPBearer(auto_error=False)  # optional here: check() decides
+BEARER = HTTPBearer(auto_error=False)
 
 
-def bearer_guard(token: SecretStr | None):
-    expected = token.get_secret_value().encode() if token else None
+class BearerGuard:
+    """Refuses a query without the bearer token before any of its body is read (plain
+    ASGI: `receive` is never called), so a refused upload is neither parsed nor spooled.
+    A refusal that leaves a body unread closes the connection: the server stops reading
+    it instead of draining it. Paths outside `prefix` (health, metrics, docs) are open."""
 
-    def check(credentials: Annotated[HTTPAuthorizationCredentials | None,
-                                     Depends(BEARER)]) -> None:
-        if expected is None:
-            return
-        given = credentials.credentials.encode() if credentials else b""
+    def __init__(self, app, token: SecretStr | None, prefix: str) -> None:
+        self.app = app
+        self.expected = token.get_secret_value().encode() if token else None
+        self.prefix = prefix
+
+    async def __call__(self, scope, receive, send) -> None:
+        if (scope["type"] != "http" or self.expected is None
+                or not scope["path"].startswith(self.prefix) or self._allowed(scope)):
+            return await self.app(scope, receive, send)
+        scope["cofeat.route"] = "unauthorized"  # the label Metrics gives it
+        headers = {"WWW-Authenticate": "Bearer"}
+        if _announces_body(scope):
+            headers["Connection"] = "close"
+        response = JSONResponse({"detail": "missing or wrong bearer token"}, 401, headers)
+        await response(scope, receive, send)
+
+    def _allowed(self, scope) -> bool:
+        header = _header(scope, b"authorization")
+        scheme, credentials = get_authorization_scheme_param(header)
+        given = credentials.encode() if scheme.lower() == "bearer" else b""
         # compare_digest: the time taken does not reveal how much of the token matched.
-        if not hmac.compare_digest(given, expected):
-            raise HTTPException(401, "missing or wrong bearer token",
-                                headers={"WWW-Authenticate": "Bearer"})
+        return hmac.compare_digest(given, self.expected)
 
-    return check
+
+def _header(scope, name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key.lower() == name:
+            return value.decode("latin-1")
+    return None
+
+
+def _announces_body(scope) -> bool:
+    length = _header(scope, b"content-length")
+    return _header(scope, b"transfer-encoding") is not None or (length or "0").strip() != "0"
+
+
+class ImageSlots:
+    """At most `size` image queries decode and embed at once: each may hold a decoded image
+    of up to COFEAT_SERVE_MAX_IMAGE_PIXELS and the CNN's activations. Others wait up to
+    `wait_s` in the event loop, not in a worker thread (the other queries need those),
+    and are then answered 503 with Retry-After."""
+
+    def __init__(self, size: int, wait_s: float) -> None:
+        self.size, self.wait_s = size, wait_s
+        self.free = anyio.Semaphore(size)
+
+    @asynccontextmanager
+    async def hold(self):
+        try:
+            self.free.acquire_nowait()
+        except anyio.WouldBlock:
+            await self._wait()
+        IMAGE_QUERIES.labels("running").inc()
+        try:
+            yield
+        finally:
+            IMAGE_QUERIES.labels("running").dec()
+            self.free.release()
+
+    async def _wait(self) -> None:
+        IMAGE_QUERIES.labels("waiting").inc()
+        try:
+            with anyio.move_on_after(self.wait_s) as waited:
+                await self.free.acquire()
+        finally:
+            IMAGE_QUERIES.labels("waiting").dec()
+        if waited.cancelled_caught:
+            IMAGE_BUSY.inc()
+            raise HTTPException(
+                503, f"image search is busy ({self.size} image queries at once); retry later",
+                headers={"Retry-After": str(max(1, math.ceil(self.wait_s)))})
+
+
+async def image_slot(request: Request):
+    """Dependency of the image routes: the query's slot for as long as the route runs."""
+    async with request.app.state.image_slots.hold():
+        yield
 
 
 async def _not_found(request: Request, error: NotFound) -> JSONResponse:
@@ -194,9 +281,11 @@ def similar_to_project(request: Request, project_id: Annotated[int, Path(ge=0, l
 
 
 @queries.post("/similar", response_model=Results,
+              dependencies=[Depends(image_slot, scope="function")],
               responses={400: {"description": "not an image"},
                          413: {"description": "upload too large"},
-                         503: {"description": "no CNN model is live"}})
+                         503: {"description": "no CNN model is live, or image search is "
+                                              "busy (Retry-After)"}})
 def similar_to_image(request: Request, image: Annotated[UploadFile, File()],
                      k: K = 10) -> JSONResponse:
     """Projects nearest to an uploaded image, embedded with the CNN behind the vectors."""
@@ -207,11 +296,11 @@ def similar_to_image(request: Request, image: Annotated[UploadFile, File()],
     models, client = request.app.state.models, request.app.state.client
     try:
         live = models.require()
-        hits = client.similar_to_vector(embed_bytes(live, data, settings.serve_max_image_pixels), k)
+        hits = client.similar_to_vector(embed_bytes(live, data, settings), k)
         if hits and hits[0].model_version != live.version and models.refresh() is not live:
             # The alias moved since the last periodic check: embed again with its model.
             live = models.require()
-            vector = embed_bytes(live, data, settings.serve_max_image_pixels)
+            vector = embed_bytes(live, data, settings)
             hits = client.similar_to_vector(vector, k)
     except NoModel as error:
         raise HTTPException(503, str(error)) from None
@@ -266,4 +355,5 @@ class Metrics:
 
 
 def _route(scope) -> str:
-    return getattr(scope.get("route"), "path", None) or "unmatched"
+    return (getattr(scope.get("route"), "path", None) or scope.get("cofeat.route")
+            or "unmatched")

@@ -8,13 +8,11 @@ use is that version's; the newest promoted CNN is the fallback when the alias na
 
 from __future__ import annotations
 
-import io
 import logging
 import threading
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image
 
 from shared.client import CofeatClient
 from shared.logs import bind
@@ -106,21 +104,15 @@ class ModelHolder:
             self._engine.dispose()
 
 
-def embed_bytes(live: LiveModel, data: bytes, max_pixels: int) -> np.ndarray:
-    """One L2-normalized vector for an encoded image (JPEG, PNG, ...)."""
+def embed_bytes(live: LiveModel, data: bytes, settings: Settings) -> np.ndarray:
+    """One L2-normalized vector for an encoded image (JPEG, PNG, ...), decoded under
+    COFEAT_IMAGE_MAX_PIXELS like every other image (shared.images.decode): a bomb is
+    refused from its header, a large JPEG decodes at reduced scale."""
+    from shared.images import ImageError, decode
     from shared.vision import embed_images
 
-    size = live.model.config.image_size
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            # The header gives the size before any pixel is decoded: refuse bombs early.
-            if img.width * img.height > max_pixels:
-                raise BadImage(f"image has {img.width}x{img.height} pixels, "
-                               f"more than the {max_pixels} allowed")
-            img.draft("RGB", (2 * size, 2 * size))  # JPEG: decode at reduced scale
-            img.load()
-            return embed_images(live.model, [img.copy()], batch_size=1)[0]
-    except BadImage:
-        raise
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
-        raise BadImage(f"not a readable image: {error}") from None
+        img = decode(data, live.model.config.image_size, settings.image_max_pixels)
+    except ImageError as error:
+        raise BadImage(error.reason) from None
+    return embed_images(live.model, [img], batch_size=1)[0]

@@ -81,12 +81,16 @@ def similar(
 
 def _similar_to_image(settings: Settings, client, image: Path, k: int):
     from services.serve.live import BadImage, ModelHolder, NoModel, embed_bytes
+    from shared import images
 
     models = ModelHolder(settings, client)
     try:
         models.refresh()
         live = models.require()
-        vector = embed_bytes(live, image.read_bytes(), settings.serve_max_image_pixels)
+        # The caller's own file, read bounded (a FIFO or a huge file is refused, not read).
+        vector = embed_bytes(live, images.local_files().read(str(image.resolve())), settings)
+    except images.ImageError as error:
+        _fail(f"{image}: {error.reason}")
     except (NoModel, BadImage) as error:
         _fail(f"{image}: {error}" if isinstance(error, BadImage) else str(error))
     finally:

@@ -39,6 +39,9 @@ def main(
         min=1, help="image rendering processes")] = None,
     out: Annotated[Path | None, typer.Option(
         help="write JSON lines here instead of Kafka")] = None,
+    image_base_url: Annotated[str | None, typer.Option(
+        help="publish image_uris under this http(s):// URL instead of local paths; serve "
+             "COFEAT_DATA_DIR/images there (`make demo IMAGES=http` does)")] = None,
     rate: Annotated[float, typer.Option(
         min=0, help="events per second; 0 = as fast as possible")] = 0.0,
     invalid_fraction: Annotated[float, typer.Option(min=0, max=0.5)] = 0.0,
@@ -58,6 +61,9 @@ def main(
         settings = load_settings()
     except SettingsError as error:
         exit_on_settings_error(error)
+    if image_base_url is not None and not image_base_url.startswith(("http://", "https://")):
+        raise typer.BadParameter("must start with http:// or https://",
+                                 param_hint="--image-base-url")
     try:
         config = world_module.preset(preset, users=users, projects=projects, events=events,
                                      seed=seed, chunks=chunks, days=days)
@@ -73,7 +79,7 @@ def main(
         _render(world, images_dir, image_size, image_format.value, processes)
     chunks_iter = behaviour.generate(world, max_chunks)
     counts = _publish(world, chunks_iter, settings, images_dir, image_format.value, out,
-                      rate, invalid_fraction, duplicate_fraction)
+                      rate, invalid_fraction, duplicate_fraction, image_base_url)
     where = str(out) if out else settings.require_kafka_bootstrap()
     for topic, count in sorted(counts.items()):
         typer.echo(f"{topic}: {count:,} records -> {where}")
@@ -108,7 +114,8 @@ def _render(world, images_dir: Path, size: int, fmt: str, processes) -> None:
 
 
 def _publish(world, chunks, settings, images_dir: Path, fmt: str, out: Path | None,
-             rate: float, invalid_fraction: float, duplicate_fraction: float):
+             rate: float, invalid_fraction: float, duplicate_fraction: float,
+             image_base_url: str | None = None):
     from tqdm import tqdm
 
     from services.simulate import stream
@@ -120,7 +127,7 @@ def _publish(world, chunks, settings, images_dir: Path, fmt: str, out: Path | No
 
         ensure_topics(settings)
         sink = stream.KafkaSink(settings)
-    encoder = stream.Encoder(world, images_dir, fmt, settings.topic_prefix)
+    encoder = stream.Encoder(world, images_dir, fmt, settings.topic_prefix, image_base_url)
     records = stream.records(world, chunks, encoder, invalid_fraction=invalid_fraction,
                              duplicate_fraction=duplicate_fraction)
     with tqdm(desc="events", unit="ev", file=sys.stderr, disable=None) as bar:

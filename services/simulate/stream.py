@@ -31,10 +31,13 @@ Record = tuple[str, bytes, bytes]
 class Encoder:
     """Turns chunks into records in simulated-time order, numbering events as it goes."""
 
-    def __init__(self, world: World, images_dir: Path, fmt: str, prefix: str = ""):
+    def __init__(self, world: World, images_dir: Path, fmt: str, prefix: str = "",
+                 image_base_url: str | None = None):
         self.world = world
         self.images_dir = Path(images_dir).resolve()
         self.fmt = fmt
+        # Set: image_uris are this URL + the file's path under images_dir (a CDN's view).
+        self.image_base_url = image_base_url.rstrip("/") if image_base_url else None
         self.interactions_topic = topics.interactions(prefix)
         self.projects_topic = topics.projects(prefix)
         self.tag = f"sim{world.config.seed}"
@@ -62,6 +65,12 @@ class Encoder:
             out.append((topic, events.interaction_key(event), events.interaction_value(event)))
         return out
 
+    def image_uri(self, project_id: int) -> str:
+        path = image_file(self.images_dir, project_id, self.fmt)
+        if self.image_base_url is None:
+            return str(path)
+        return f"{self.image_base_url}/{path.relative_to(self.images_dir).as_posix()}"
+
     def _project_records(self, chunk: Chunk) -> list[Record]:
         start, topic, tag = self.next_project_event, self.projects_topic, self.tag
         self.next_project_event += len(chunk.project_ts)
@@ -71,7 +80,7 @@ class Encoder:
                 range(start, self.next_project_event), chunk.project_ts.tolist(),
                 chunk.project_index.tolist(), owners.tolist(), chunk.project_kind.tolist(),
                 strict=True):
-            uri = str(image_file(self.images_dir, index + 1, self.fmt))
+            uri = self.image_uri(index + 1)
             event = events.ProjectEvent(f"{tag}-p{n}", PROJECT_KINDS[kind], index + 1, owner,
                                         uri, ts)
             out.append((topic, events.project_key(event), events.project_value(event)))

@@ -19,7 +19,7 @@ log = logging.getLogger("cofeat.run")
 # Each service and the command line that runs it as a long-lived process.
 COMMANDS = {
     "ingest": ["ingest"],
-    "refresh": ["refresh", "--every", "{refresh_every}"],
+    "refresh": ["refresh", "--loop"],  # every COFEAT_REFRESH_EVERY, which it inherits
     "embed": ["embed"],
     "serve": ["serve"],
 }
@@ -98,8 +98,8 @@ def _last_line(path: Path, limit: int = 300) -> str:
         return ""
 
 
-def plan(services: list[str], ingest_replicas: int, refresh_every: str,
-         log_dir: Path, metrics_port: int = 0, embed_threads: int = 0) -> list[Child]:
+def plan(services: list[str], ingest_replicas: int, log_dir: Path, metrics_port: int = 0,
+         embed_threads: int = 0) -> list[Child]:
     """The children to run. With a metrics port P, the supervisor serves P and child i
     serves P + 1 + i (they would otherwise all inherit P). `embed_threads` (if not 0)
     becomes the embedder's COFEAT_EMBED_TORCH_THREADS."""
@@ -108,7 +108,7 @@ def plan(services: list[str], ingest_replicas: int, refresh_every: str,
         raise ValueError(f"unknown services {unknown}; known: {sorted(COMMANDS)}")
     children = []
     for name in services:
-        argv = [part.format(refresh_every=refresh_every) for part in COMMANDS[name]]
+        argv = list(COMMANDS[name])
         copies = ingest_replicas if name == "ingest" else 1
         for n in range(copies):
             label = f"{name}-{n}" if copies > 1 else name

@@ -21,9 +21,8 @@ def main(
     try:
         settings = load_settings()
         names = [s.strip() for s in (services or settings.run_services).split(",") if s.strip()]
-        children = plan(names, settings.run_ingest_replicas, settings.run_refresh_every,
-                        settings.data_dir / "run" / "logs", settings.metrics_port,
-                        embed_threads(names, settings))
+        children = plan(names, settings.run_ingest_replicas, settings.data_dir / "run" / "logs",
+                        settings.metrics_port, embed_threads(names, settings))
     except SettingsError as error:
         exit_on_settings_error(error)
     except ValueError as error:

@@ -17,12 +17,11 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from shared.vision import open_rgb, resize_crop, to_tensor
+from shared import images
+from shared.images import ImageReader
+from shared.vision import resize_crop, to_tensor
 
 log = logging.getLogger(__name__)
-
-# What a broken, truncated, missing or hostile image raises in PIL.
-DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
 @dataclass(frozen=True)
@@ -68,10 +67,15 @@ def _jitter(img: Image.Image, strength: float, rng: random.Random) -> Image.Imag
 
 
 class ImageTargets(Dataset):
-    """(image path, target) pairs -> (image, target, index); image None if undecodable."""
+    """(image_uri, target) pairs -> (image, target, index); image None if unreadable.
+
+    Images are read through `reader` (the service's shared.images.ImageReader: its policy,
+    bounds and cache; default: local files the caller chose). A batch's images are fetched
+    concurrently (`__getitems__`) and decoded one after another in the worker process."""
 
     def __init__(self, paths: Sequence[str], targets: np.ndarray, image_size: int,
-                 augment: Augment | None = None, seed: int = 0) -> None:
+                 augment: Augment | None = None, seed: int = 0,
+                 reader: ImageReader | None = None) -> None:
         if len(paths) != len(targets):
             raise ValueError(f"{len(paths)} paths but {len(targets)} targets")
         self.paths = [str(p) for p in paths]
@@ -82,15 +86,26 @@ class ImageTargets(Dataset):
         self.augment = augment
         self.seed = seed
         self.epoch = 0  # set before each epoch; workers are re-created so they see it
+        self.reader = reader or images.local_files()
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int):
+        return self._sample(index, self.reader.read_or_error(self.paths[index]))
+
+    def __getitems__(self, indices: list[int]) -> list:
+        fetched = self.reader.fetch_many([self.paths[i] for i in indices])
+        return [self._sample(index, data) for index, data in zip(indices, fetched,
+                                                                 strict=True)]
+
+    def _sample(self, index: int, data: bytes | images.ImageError):
         try:
-            img = open_rgb(self.paths[index], self.image_size)
-        except DECODE_ERRORS as error:
-            log.debug("skipping %s: %s", self.paths[index], error)
+            if isinstance(data, images.ImageError):
+                raise data
+            img = self.reader.decode(data, self.image_size)
+        except images.ImageError as error:
+            log.debug("skipping %s: %s", self.paths[index], error.reason)
             return None, None, index
         return self._tensor(img, index), self.targets[index], index
 

@@ -25,6 +25,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from torch.utils.data import DataLoader, RandomSampler, WeightedRandomSampler
 from tqdm import tqdm
 
+from shared.images import ImageReader
 from shared.training.data import (
     Augment,
     Batch,
@@ -73,6 +74,7 @@ class Split:
     targets: np.ndarray  # float N x d (regress) or int N (pseudo-class)
     weights: np.ndarray | None = None  # sampling weights; None = uniform without replacement
     ids: np.ndarray | None = None  # project ids, for the caller's bookkeeping only
+    reader: ImageReader | None = None  # how paths are read (None: local files)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -80,7 +82,7 @@ class Split:
 
 def make_splits(ids: np.ndarray, paths: Sequence[str], targets: np.ndarray,
                 usable: np.ndarray | None = None, val_fraction: float = 0.1,
-                salt: int = 0) -> tuple[Split, Split]:
+                salt: int = 0, reader: ImageReader | None = None) -> tuple[Split, Split]:
     """Train/held-out splits by project id hash (stable across refreshes), leaving out
     projects without a usable factor."""
     ids = np.asarray(ids)
@@ -89,7 +91,7 @@ def make_splits(ids: np.ndarray, paths: Sequence[str], targets: np.ndarray,
 
     def pick(mask: np.ndarray) -> Split:
         rows = np.flatnonzero(mask)
-        return Split([paths[i] for i in rows], targets[rows], ids=ids[rows])
+        return Split([paths[i] for i in rows], targets[rows], ids=ids[rows], reader=reader)
 
     return pick(keep & ~held), pick(keep & held)
 
@@ -142,10 +144,11 @@ def train(model_config: ModelConfig, train_split: Split, val_split: Split | None
         log.info("resuming from %s (epoch %d done)", latest, state["epoch"] + 1)
 
     train_data = ImageTargets(train_split.paths, train_split.targets, model_config.image_size,
-                              config.augment, config.seed)
+                              config.augment, config.seed, reader=train_split.reader)
     val_data = None
     if val_split is not None and len(val_split):
-        val_data = ImageTargets(val_split.paths, val_split.targets, model_config.image_size)
+        val_data = ImageTargets(val_split.paths, val_split.targets, model_config.image_size,
+                                reader=val_split.reader)
     skipped = set(state["skipped"])
     first = state["epoch"] + 1
     # One bar for the whole run, so its rate is images/s and its ETA the run's end.

@@ -187,6 +187,24 @@ def test_env_example_is_valid_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings.require_kafka_bootstrap() == "kafka:9092"
     assert settings.require_milvus_uri() == "http://milvus:19530"
     assert settings.metrics_port == 9100
+    assert settings.refresh_every == "1h"
+
+
+OLD_REFRESH_NAMES = ("COFEAT_REFRESH_INTERVAL_S", "COFEAT_RUN_REFRESH_EVERY")
+
+
+def test_one_refresh_loop_with_one_interval_setting() -> None:
+    refresh = yaml.safe_load(COMPOSE.read_text())["services"]["refresh"]
+    assert refresh["command"] == ["cofeat", "refresh", "--loop"]
+    assert refresh["healthcheck"]["test"] == ["CMD", "cofeat-healthcheck", "--heartbeat"]
+    assert not (DEPLOY / "refresh-loop.sh").exists()
+    files = [p for p in DEPLOY.rglob("*") if p.is_file()] + [ROOT / ".dockerignore"]
+    for path in files:
+        text = path.read_text()
+        assert "refresh-loop" not in text, path
+        for old in OLD_REFRESH_NAMES:  # neither set nor read (a comment may name it)
+            assert not re.search(rf"^\s*(- )?(name: )?{old}\s*[=:]", text, re.M), (path, old)
+            assert f'"{old}"' not in text, (path, old)
 
 
 @needs_cli

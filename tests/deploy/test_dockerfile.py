@@ -3,6 +3,7 @@ images use (deploy/healthcheck.py), exercised against a real local HTTP server."
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -99,10 +100,10 @@ def test_hadolint_rejects_broken_copy(tmp_path: Path, old: str, new: str) -> Non
     assert hadolint(broken).returncode != 0
 
 
-def test_refresh_loop_script_parses() -> None:
-    subprocess.run(["sh", "-n", str(ROOT / "deploy" / "refresh-loop.sh")], check=True)
-    if shutil.which("shellcheck"):
-        subprocess.run(["shellcheck", str(ROOT / "deploy" / "refresh-loop.sh")], check=True)
+def test_refresh_runs_the_one_refresh_loop() -> None:
+    body = stages()["refresh"]
+    assert re.search(r'^CMD \["cofeat", "refresh", "--loop"\]$', body, re.M)
+    assert 'CMD ["cofeat-healthcheck", "--heartbeat"]' in body
 
 
 # -- the probe ------------------------------------------------------------------------------
@@ -149,13 +150,21 @@ def test_probe_follows_healthz(health_server) -> None:
     assert probe(COFEAT_METRICS_PORT=port) == 1  # nothing listens
 
 
-def test_probe_heartbeat(tmp_path: Path) -> None:
-    env = {"COFEAT_DATA_DIR": str(tmp_path), "COFEAT_REFRESH_INTERVAL_S": "60"}
+def test_probe_reads_the_heartbeat_the_refresh_loop_writes(tmp_path: Path) -> None:
+    from services.refresh.heartbeat import beat, heartbeat_path
+
+    env = {"COFEAT_DATA_DIR": str(tmp_path)}
     assert probe("--heartbeat", **env) == 1  # no cycle yet
-    heartbeat = tmp_path / "refresh" / "heartbeat"
-    heartbeat.parent.mkdir()
-    heartbeat.touch()
+    beat(tmp_path, 60.0)
     assert probe("--heartbeat", **env) == 0
-    old = time.time() - 121
-    os.utime(heartbeat, (old, old))
-    assert probe("--heartbeat", **env) == 1
+    heartbeat = heartbeat_path(tmp_path)
+    record = json.loads(heartbeat.read_text())
+    heartbeat.write_text(json.dumps({**record, "finished_at": time.time() - 121}))
+    assert probe("--heartbeat", **env) == 1  # more than two intervals ago
+    # The interval comes from the loop's own record, not from a setting of the probe's.
+    heartbeat.write_text(json.dumps({**record, "finished_at": time.time() - 121,
+                                     "interval_s": 3600}))
+    assert probe("--heartbeat", **env) == 0
+    for broken in ("", "{", '{"finished_at": 1}', '{"finished_at": "x", "interval_s": 1}'):
+        heartbeat.write_text(broken)
+        assert probe("--heartbeat", **env) == 1, broken

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 import psycopg
 
-from shared.events import local_image
 from shared.factors import Factors
+from shared.images import ImageReader
 
 log = logging.getLogger(__name__)
 
@@ -20,6 +20,7 @@ class Projects:
     paths: list[str]
     factors: np.ndarray  # their rows of item_factors
     stats: dict
+    reader: ImageReader | None = None  # how `paths` (image_uris) are read
 
 
 def live_images(conn: psycopg.Connection) -> dict[int, str]:
@@ -29,29 +30,31 @@ def live_images(conn: psycopg.Connection) -> dict[int, str]:
     return dict(rows)
 
 
-def training_projects(factors: Factors, images: dict[int, str]) -> Projects:
-    """Projects with a factor and a live, existing image file (missing ones are counted;
-    files that exist but do not decode are skipped and counted by the trainer)."""
+def training_projects(factors: Factors, images: dict[int, str],
+                      reader: ImageReader) -> Projects:
+    """Projects with a factor, a live state and an image_uri the policy allows (refused
+    ones are counted; images that turn out unreadable are skipped and counted by the
+    trainer)."""
     ids, paths, rows = [], [], []
-    no_project = no_file = 0
+    no_project = refused = 0
     for row, project_id in enumerate(factors.item_ids.tolist()):
         uri = images.get(project_id)
         if uri is None:
             no_project += 1
             continue
-        path = local_image(uri)
-        if path is None:
-            no_file += 1
+        if not reader.allowed(uri):
+            refused += 1
             continue
         ids.append(project_id)
-        paths.append(path)
+        paths.append(uri)
         rows.append(row)
     stats = {"factor_items": len(factors.item_ids), "with_image": len(ids),
-             "not_live": no_project, "image_missing": no_file}
-    if no_file:
-        log.warning("%d projects have no readable image file; skipped", no_file)
+             "not_live": no_project, "image_refused": refused}
+    if refused:
+        log.warning("%d projects have an image_uri outside COFEAT_IMAGE_ROOTS/HOSTS/BUCKETS; "
+                    "skipped", refused)
     return Projects(np.asarray(ids, dtype=np.int64), paths,
-                    np.asarray(factors.item_factors)[rows], stats)
+                    np.asarray(factors.item_factors)[rows], stats, reader)
 
 
 def changed_projects(projects: Projects, parent: Factors | None,

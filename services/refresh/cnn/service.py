@@ -26,6 +26,7 @@ from services.refresh.cnn.dataset import changed_projects, live_images, training
 from services.refresh.runs import run_locked
 from shared.cnn import current_cnn_version, model_path
 from shared.factors import current_factor_version, factor_version, load_factors
+from shared.images import ImageReader
 from shared.logs import bound
 from shared.settings import Settings
 from shared.training.data import Augment
@@ -79,7 +80,8 @@ def _run_locked(conn: psycopg.Connection, settings: Settings, full: bool,
         return RunResult("skipped", f"v{parent['id']} already learned from factor version "
                                     f"{factors_row['id']}", parent["id"])
     factors = load_factors(settings.data_dir, factors_row)
-    projects = training_projects(factors, live_images(conn))
+    reader = ImageReader.from_settings(settings)
+    projects = training_projects(factors, live_images(conn), reader)
     if len(projects.ids) < settings.cnn_min_projects:
         return RunResult("skipped", f"only {len(projects.ids)} projects with images")
     mode, reason = _plan(conn, settings, parent, full)
@@ -123,7 +125,7 @@ def _train_and_store(conn, settings: Settings, version_id: int, parent: dict | N
                            seed=settings.cnn_seed, init=centroids)
     train_split, val_split = make_splits(projects.ids, projects.paths, targets.values,
                                          targets.usable, settings.cnn_val_fraction,
-                                         settings.cnn_holdout_salt)
+                                         settings.cnn_holdout_salt, reader=projects.reader)
     run_dir = _run_dir(settings, factors_row["id"], parent, mode, projects.ids)
     if mode == "fine-tune":
         parent_factors = _factors_of(settings, conn, parent["factor_version_id"])
@@ -181,7 +183,8 @@ def _parent_score(settings: Settings, parent: dict | None, val_split, mode: str)
         return None
     from shared.training.data import ImageTargets
 
-    data = ImageTargets(val_split.paths, val_split.targets, model.config.image_size)
+    data = ImageTargets(val_split.paths, val_split.targets, model.config.image_size,
+                        reader=val_split.reader)
     return evaluate(model, data, config, torch.device("cpu"))["val_score"]
 
 

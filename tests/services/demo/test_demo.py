@@ -54,3 +54,37 @@ def test_tiny_demo_writes_the_table_and_report(settings, milvus_uri, milvus_pref
                            env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "live loop" not in again.stdout
+
+
+def test_images_over_http_are_served_from_the_data_dir(tmp_path):
+    """`make demo IMAGES=http`: the demo serves COFEAT_DATA_DIR/images on loopback, allows
+    that one host for every reader, and the simulator publishes URLs under it."""
+    import time
+
+    from PIL import Image
+
+    from services.demo.steps import Demo, stop
+    from shared.images import ImageError, ImageReader
+    from shared.settings import Settings
+    from tests.conftest import free_port
+
+    demo = Demo(tmp_path / "data", "tiny", images="http")
+    (demo.data_dir / "images" / "0000").mkdir(parents=True)
+    Image.new("RGB", (20, 20), "red").save(demo.data_dir / "images" / "0000" / "1.jpg")
+    port = free_port()
+    server = demo.serve_images(port)
+    try:
+        reader = ImageReader.from_settings(Settings(
+            data_dir=demo.data_dir, image_hosts=demo.env["COFEAT_IMAGE_HOSTS"],
+            image_cache_bytes=0))
+        url = demo.image_base_url(port) + "0000/1.jpg"
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                assert reader.open(url).size == (20, 20)
+                break
+            except ImageError:
+                assert time.monotonic() < deadline, "the image server did not answer"
+                time.sleep(0.2)
+    finally:
+        stop(server, timeout_s=10)

@@ -130,6 +130,7 @@ def expected_vectors(settings: Settings, version: int, paths: list[str]) -> np.n
 
 
 def make_image(path: Path, seed: int) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     base = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
     Image.fromarray(base).resize((64, 64), Image.Resampling.NEAREST).save(path)

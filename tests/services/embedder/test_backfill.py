@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 
@@ -61,7 +62,7 @@ def test_backfill_then_swap_under_concurrent_queries(esettings, db_url):
     settings = esettings.model_copy(update={"embed_drop_grace_s": 30.0})
     ensure_topics(settings)
     seed_projects(settings, db_url, 30)
-    insert_projects(db_url, [(31, 5, make_corrupt(settings.data_dir / "bad.png"))])
+    insert_projects(db_url, [(31, 5, make_corrupt(settings.data_dir / "images" / "bad.png"))])
     factors = make_factors(settings, db_url, range(1, 21))
     v1 = make_cnn(settings, db_url, seed=1, factor_version=factors)
 
@@ -249,3 +250,66 @@ def test_the_stream_skips_states_the_backfill_already_embedded(esettings, db_url
     want = expected_vectors(esettings, version, [newer, paths[1]])
     assert np.dot(found[3]["embedding"], want[0]) > 0.999
     assert np.dot(found[50]["embedding"], want[1]) > 0.999
+
+
+def test_a_storage_blip_parks_nothing_and_is_retried_at_the_interval(esettings, db_url,
+                                                                    image_server):
+    """Issue 12: an image that fails to load is retried with the configured interval, not
+    three times back to back, and a passing storage blip must not park a project."""
+    settings = esettings.model_copy(update={
+        "image_hosts": "127.0.0.1,localhost", "image_cache_bytes": 0,
+        "image_fetch_attempts": 2, "embed_retry_interval_s": 60.0})  # not within this drain
+    ensure_topics(settings)
+    image_server.reset()
+    seed_projects(settings, db_url, 5)
+    port = image_server.port
+    blip = f"http://127.0.0.1:{port}/flaky/2/ok.png"  # 503 twice, then the image
+    gone = f"http://localhost:{port}/status/404"  # another host: its own backoff
+    insert_projects(db_url, [(6, 5, blip), (7, 5, gone)])
+    make_cnn(settings, db_url, seed=1, factor_version=make_factors(settings, db_url, [1]))
+
+    assert drain(settings) == 0
+    c = client(settings)
+    alias = contract.alias(settings, PROJECTS)
+    assert count(c, alias) == 5
+    rows = failures(db_url)
+    # Tried image_fetch_attempts times in place, then left to the retry step: not parked.
+    assert rows[6] == (0, "unavailable: HTTP 503")
+    assert image_server.requests("flaky/2/ok.png") == 2
+    # A drain retries a permanent failure at once, up to COFEAT_EMBED_MAX_ATTEMPTS.
+    assert rows[7] == (settings.embed_max_attempts, "not found: HTTP 404")
+
+    time.sleep(0.5)
+    # Due 0.5 s after the failure: the storage answers again, embedded, the row cleared.
+    assert drain(settings.model_copy(update={"embed_retry_interval_s": 0.5})) == 0
+    assert count(c, alias) == 6 and 6 not in failures(db_url)
+    assert failures(db_url)[7][0] == settings.embed_max_attempts  # still parked
+    c.close()
+
+
+def test_a_backfill_records_a_failure_once_and_leaves_it_to_the_interval(esettings, db_url):
+    settings = esettings.model_copy(update={"embed_retry_interval_s": 60.0})
+    ensure_topics(settings)
+    seed_projects(settings, db_url, 4)
+    insert_projects(db_url, [(9, 5, make_corrupt(settings.data_dir / "images" / "9.png"))])
+    make_cnn(settings, db_url, seed=1, factor_version=make_factors(settings, db_url, [1]))
+    embedder = Embedder(settings)  # the long-running embedder, not a drain
+    try:
+        embedder.start()
+        embedder.lifecycle.check_model()
+        deadline = time.monotonic() + 60
+        while embedder.lifecycle.backfill is not None and time.monotonic() < deadline:
+            embedder.lifecycle.backfill_step()
+        assert embedder.lifecycle.live is not None, "the backfill did not finish"
+        assert failures(db_url)[9][0] == 1  # once, not max_attempts times back to back
+        embedder.next_retry = 0.0
+        embedder.retry_step()
+        assert failures(db_url)[9][0] == 1  # not due before the interval
+        embedder.settings = settings.model_copy(update={"embed_retry_interval_s": 0.3})
+        time.sleep(0.3)
+        embedder.next_retry = 0.0
+        embedder.retry_step()
+        assert failures(db_url)[9][0] == 2 == settings.embed_max_attempts  # parked now
+    finally:
+        embedder.close()
+

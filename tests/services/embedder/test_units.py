@@ -9,18 +9,19 @@ from services.embedder.backfill import Backfill, normalized_users, user_rows
 from services.embedder.collections import version_of
 from services.embedder.encode import Encoder
 from services.embedder.reconcile import Drift, _diff
-from services.embedder.states import State, wanted
+from services.embedder.states import LEAVE, State, wanted
 from services.embedder.stream import Change, IngestGate, Stream, observe
 from services.embedder.writer import Target, Written
 from shared import milvus as contract
+from shared.images import REFUSED
 from shared.settings import Settings
 from shared.vision import ModelConfig, build_model, save_model
 from tests.services.embedder.conftest import make_corrupt, make_image
 
 
 def state(pid: int, uri: str, version: int = 1, owner: int = 10, published: int = 100,
-          live: bool = True, failing: bool = False) -> State:
-    return State(pid, live, owner, published, uri, version, failing)
+          live: bool = True, failure: str | None = None) -> State:
+    return State(pid, live, owner, published, uri, version, failure)
 
 
 def change(pid: int, offset: int, produced: int = 1_000, partition: int = 0) -> Change:
@@ -30,7 +31,8 @@ def change(pid: int, offset: int, produced: int = 1_000, partition: int = 0) -> 
 def test_only_live_healthy_states_are_wanted():
     assert wanted(state(1, "/a.png")) == state(1, "/a.png")
     assert wanted(state(1, "/a.png", live=False)) is None
-    assert wanted(state(1, "/a.png", failing=True)) is None  # retried through failures
+    assert wanted(state(1, "/a.png", failure="permanent")) is None  # broken: no row
+    assert wanted(state(1, "/a.png", failure="transient")) is LEAVE  # until storage answers
     assert wanted(None) is None  # Postgres does not know it: no row
 
 
@@ -100,17 +102,21 @@ def encoder(tmp_path) -> Encoder:
 
 
 def test_encoder_keeps_good_rows_and_names_each_failure(encoder, tmp_path):
-    good = make_image(tmp_path / "good.png", 1)
-    (tmp_path / "rel.png").write_bytes((tmp_path / "good.png").read_bytes())
-    items = [state(1, good), state(2, make_corrupt(tmp_path / "c.png")),
-             state(3, str(tmp_path / "missing.png")), state(4, "http://example.com/x.png"),
-             state(5, "rel.png", version=4, owner=11, published=200),
-             state(6, f"file://{good}")]
+    images = tmp_path / "images"  # COFEAT_IMAGE_ROOTS' default: COFEAT_DATA_DIR/images
+    good = make_image(images / "good.png", 1)
+    (images / "rel.png").write_bytes((images / "good.png").read_bytes())
+    outside = make_image(tmp_path / "outside.png", 1)
+    items = [state(1, good), state(2, make_corrupt(images / "c.png")),
+             state(3, str(images / "missing.png")),
+             state(4, "http://example.com/x.png"),
+             state(5, "images/rel.png", version=4, owner=11, published=200), state(6, f"file://{good}"),
+             state(7, outside)]
     result = encoder.embed(items)
     assert [r["project_id"] for r in result.rows] == [1, 5, 6]
     reasons = {item.project_id: why for item, why in result.failed}
-    assert set(reasons) == {2, 3, 4}
-    assert "FileNotFoundError" in reasons[3] and "unsupported_uri" in reasons[4]
+    assert set(reasons) == {2, 3, 4, 7}
+    assert reasons[2].startswith("not an image") and reasons[3] == "not found"
+    assert reasons[4] == reasons[7] == REFUSED  # no host allowed; a file outside the roots
     row = result.rows[1]
     assert (row["model_version"], row["owner_id"], row["published_at"]) == (3, 11, 200)
     assert row["state_version"] == 4
@@ -118,13 +124,41 @@ def test_encoder_keeps_good_rows_and_names_each_failure(encoder, tmp_path):
     assert np.allclose(result.rows[0]["embedding"], result.rows[2]["embedding"])
 
 
+def test_attacks_and_bombs_fail_alone_with_one_reason_and_little_memory(encoder, tmp_path):
+    """Issue 14: a 13000 x 13000 PNG took the embedder to 4.1 GiB; paths outside the data
+    directory were embedded; "no such file" and "not an image" told which files exist."""
+    import os
+
+    from tests.bombs import jpeg_bomb, peak_rss_growth, png_bomb
+
+    images = tmp_path / "images"
+    images.mkdir()
+    png, jpeg = png_bomb(images / "bomb.png"), jpeg_bomb(images / "bomb.jpg")
+    os.mkfifo(images / "fifo.png")
+    (images / "escape.png").symlink_to("/etc/hostname")
+    refused = [str(images / "fifo.png"), str(images / "escape.png"), "/etc/hostname",
+               "images/../../../../etc/hostname", "file://attacker.example/etc/hostname",
+               str(tmp_path / "missing-outside.png")]
+    items = [state(n, uri) for n, uri in enumerate([str(png), str(jpeg), *refused])]
+    items.append(state(99, make_image(images / "ok.png", 3)))
+    results = []
+    grown = peak_rss_growth(lambda: results.append(encoder.embed(items)))
+    result = results[0]
+    assert [r["project_id"] for r in result.rows] == [99]
+    reasons = {item.project_id: why for item, why in result.failed}
+    assert reasons[0].startswith("too many pixels") and reasons[1].startswith("too many")
+    assert {reasons[n] for n in range(2, 2 + len(refused))} == {REFUSED}
+    assert grown < 100 * 1024 * 1024, grown
+
+
 def test_encoder_decodes_in_threads_with_the_same_result(encoder, tmp_path, monkeypatch):
     from concurrent.futures import ThreadPoolExecutor
 
     from services.embedder import encode
 
-    items = [state(i, make_image(tmp_path / f"{i}.png", i)) for i in range(5)]
-    items.insert(2, state(99, make_corrupt(tmp_path / "bad.png")))
+    images = tmp_path / "images"
+    items = [state(i, make_image(images / f"{i}.png", i)) for i in range(5)]
+    items.insert(2, state(99, make_corrupt(images / "bad.png")))
     alone = encoder.embed(items)
     monkeypatch.setattr(encode, "WORKERS_FROM", 1)
     encoder.pool = ThreadPoolExecutor(2)

@@ -40,10 +40,12 @@ def simulated(tmp_path_factory) -> tuple[Path, Path]:
 
 
 @pytest.fixture
-def stored(simulated, db_url, data_dir) -> tuple[str, Path, int]:
+def stored(simulated, db_url, data_dir, monkeypatch) -> tuple[str, Path, int]:
     """The events in a fresh database, the ground truth in this test's data dir (image
-    URIs are absolute, so the images stay where the simulator put them)."""
+    URIs are absolute, so the images stay where the simulator put them, and that is the
+    root images may be read from)."""
     shutil.copytree(simulated[0] / "groundtruth", data_dir / "groundtruth")
+    monkeypatch.setenv("COFEAT_IMAGE_ROOTS", str(simulated[0] / "images"))
     return db_url, data_dir, world.store_in_phases(db_url, simulated[1])
 
 

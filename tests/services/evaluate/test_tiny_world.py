@@ -12,6 +12,7 @@ from services.demo.steps import DEMO_ENV
 from services.evaluate import evaluate
 from services.refresh.cnn.service import run_cnn_once
 from services.refresh.factors.service import run_factors_once
+from shared.images import ImageReader
 from shared.settings import Settings
 from tests.world import load
 
@@ -26,7 +27,7 @@ MARGIN = 0.1
 def test_collaborative_cnn_lowers_its_loss_and_beats_random_weights_on_style(
         db_url, tiny_world, data_dir):
     settings = Settings(database_url=db_url, data_dir=data_dir, cnn_workers=0,
-                        log_format="text", **TINY)
+                        log_format="text", image_roots=str(tiny_world / "images"), **TINY)
     shutil.copytree(tiny_world / "groundtruth", data_dir / "groundtruth")
     # Factors from the first 70% of the stream; later projects stay brand new, as in eval.
     load(db_url, tiny_world / "events", stop=0.7)
@@ -36,7 +37,8 @@ def test_collaborative_cnn_lowers_its_loss_and_beats_random_weights_on_style(
     assert cnn.status == "promoted", cnn.reason
 
     with psycopg.connect(db_url) as conn:
-        inputs = evaluate.prepare(conn, data_dir, evaluate.EvalConfig())
+        inputs = evaluate.prepare(conn, data_dir, evaluate.EvalConfig(),
+                                  ImageReader.from_settings(settings))
     assert inputs.cnn_row["id"] == cnn.version_id
     meta = json.loads((data_dir / inputs.cnn_row["artifact"] / "meta.json").read_text())
     losses = [epoch["train_loss"] for epoch in meta["history"]]

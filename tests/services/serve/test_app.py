@@ -25,6 +25,8 @@ from services.serve.app import create_app
 from services.serve.live import LiveModel, ModelHolder
 from shared.client import CofeatClient, epoch_ms
 from tests.conftest import free_port, wait_for_port
+from tests.helpers import wait_until
+from tests.services.embedder.test_outage import Proxy
 from tests.services.serve.world import FIRST_PROJECT, FIRST_USER, drop_world, make_world
 
 SIMILAR = "/v1/projects/{}/similar"
@@ -121,7 +123,7 @@ def test_uploads_are_bounded_and_checked(http):
         assert response.status_code == 413, response.text
     response = http.post("/v1/similar", files={"image": ("a.png", b"not an image")})
     assert response.status_code == 400
-    assert "not a readable image" in response.json()["detail"]
+    assert response.json()["detail"].startswith("not an image")
     assert http.post("/v1/similar").status_code == 422  # no file at all
 
 
@@ -180,6 +182,54 @@ def test_health_and_readiness(world, http):
         assert other.get(SIMILAR.format(FIRST_PROJECT)).status_code == 503
     with serving(world.settings, live=False) as other:
         assert other.get("/readyz").status_code == 503
+
+
+def test_readiness_follows_milvus(world):
+    # Milvus behind a private TCP proxy, cut and restored: the real server, a real outage.
+    proxy = Proxy(int(world.settings.milvus_uri.rsplit(":", 1)[1]))
+    via_proxy = world.settings.model_copy(
+        update={"milvus_uri": f"http://127.0.0.1:{proxy.port}", "milvus_timeout_s": 2.0})
+    try:
+        with serving(via_proxy) as other:
+            assert other.get("/readyz").status_code == 200
+            proxy.cut()
+            response = other.get("/readyz")
+            assert response.status_code == 503
+            assert any(p.startswith("Milvus does not answer")
+                       for p in response.json()["problems"]), response.text
+            assert other.get("/healthz").status_code == 200  # alive: no restart helps
+            assert other.get(SIMILAR.format(FIRST_PROJECT)).status_code == 503
+            proxy.restore()
+            wait_until(lambda: other.get("/readyz").status_code == 200, 60,
+                       "/readyz to recover with Milvus")
+            assert ids(other.get(SIMILAR.format(FIRST_PROJECT), params={"k": 3})) == \
+                world.nearest(world.projects[0])[1:4]
+    finally:
+        proxy.close()
+
+
+def test_serve_starts_while_milvus_is_down(world):
+    proxy = Proxy(int(world.settings.milvus_uri.rsplit(":", 1)[1]))
+    proxy.cut()
+    via_proxy = world.settings.model_copy(
+        update={"milvus_uri": f"http://127.0.0.1:{proxy.port}", "milvus_timeout_s": 2.0})
+    app = create_app(via_proxy, watch=False)  # its own client: connected on first use
+    app.state.models.live = LiveModel(1, tiny_model())
+    try:
+        with TestClient(app) as http:
+            assert http.get("/healthz").status_code == 200
+            response = http.get("/readyz")
+            assert response.status_code == 503
+            assert any(p.startswith("Milvus does not answer")
+                       for p in response.json()["problems"]), response.text
+            assert http.get(SIMILAR.format(FIRST_PROJECT)).status_code == 503
+            proxy.restore()
+            wait_until(lambda: http.get("/readyz").status_code == 200, 60,
+                       "/readyz once Milvus answers")
+            assert ids(http.get(SIMILAR.format(FIRST_PROJECT), params={"k": 3})) == \
+                world.nearest(world.projects[0])[1:4]
+    finally:
+        proxy.close()
 
 
 def test_metrics(http):

@@ -112,6 +112,26 @@ def test_image_search_finds_the_same_project_first(settings, tmp_path):
     assert payload["results"][0]["project_id"] == 5
 
 
+def test_bomb_uploads_are_refused_in_little_memory(settings, tmp_path):
+    """Issue 14: a 168 KB PNG upload took `cofeat serve` from 0.8 to 3.3 GiB."""
+    from tests.bombs import jpeg_bomb, peak_rss_growth, png_bomb
+
+    add_cnn_version(settings, seed=0)
+    bombs = [png_bomb(tmp_path / "bomb.png"), jpeg_bomb(tmp_path / "bomb.jpg")]
+    with TestClient(create_app(settings, watch=False)) as http:
+        for bomb in bombs:
+            answers = []
+
+            def upload(bomb=bomb, answers=answers):
+                answers.append(http.post("/v1/similar",
+                                         files={"image": (bomb.name, bomb.read_bytes())}))
+
+            grown = peak_rss_growth(upload)
+            assert answers[0].status_code == 400, answers[0].text
+            assert "too many pixels" in answers[0].json()["detail"]
+            assert grown < 100 * 1024 * 1024, grown
+
+
 def test_model_follows_the_alias(settings, tmp_path):
     first, model = add_cnn_version(settings, seed=0)
     paths = make_images(tmp_path / "images", 4)

@@ -36,7 +36,8 @@ def served(settings, milvus_uri, db_url, tiny_world):
     Milvus; and the highest interaction seq of that past."""
     own = settings.model_copy(update={
         **FAST, **MODELS, "milvus_uri": milvus_uri, "milvus_prefix": f"t{uuid.uuid4().hex[:8]}_",
-        "embed_workers": 0, "milvus_hnsw_ef_construction": 64})
+        "embed_workers": 0, "milvus_hnsw_ef_construction": 64,
+        "image_roots": str(tiny_world / "images")})
     load(db_url, tiny_world / "events", stop=PAST)
     assert run_factors_once(own, full=True).status == "promoted"
     assert run_cnn_once(own, show_progress=False).status == "promoted"

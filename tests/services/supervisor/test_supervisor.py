@@ -70,11 +70,11 @@ def test_restarts_a_killed_service_and_stops_cleanly(settings, producer, db_url,
 
 
 def test_plan_gives_each_child_its_own_metrics_port(tmp_path):
-    children = plan(["ingest", "embed"], 2, "5m", tmp_path, metrics_port=9100)
+    children = plan(["ingest", "embed"], 2, tmp_path, metrics_port=9100)
     assert [c.name for c in children] == ["ingest-0", "ingest-1", "embed"]
     assert [c.env["COFEAT_METRICS_PORT"] for c in children] == ["9101", "9102", "9103"]
-    refresh = plan(["refresh"], 1, "5m", tmp_path)[0]
-    assert refresh.argv == ["refresh", "--every", "5m"]
+    refresh = plan(["refresh"], 1, tmp_path)[0]
+    assert refresh.argv == ["refresh", "--loop"]
     assert refresh.env["COFEAT_METRICS_PORT"] == "0"
 
 
@@ -84,9 +84,9 @@ def test_embedder_beside_training_gets_half_the_cores(tmp_path, monkeypatch):
     assert embed_threads(["ingest", "refresh", "embed"], Settings()) == 2
     assert embed_threads(["ingest", "embed"], Settings()) == 0  # alone: torch's default
     assert embed_threads(["refresh", "embed"], Settings(embed_torch_threads=3)) == 0  # given
-    embed = plan(["refresh", "embed"], 1, "5m", tmp_path, embed_threads=2)[1]
+    embed = plan(["refresh", "embed"], 1, tmp_path, embed_threads=2)[1]
     assert embed.env["COFEAT_EMBED_TORCH_THREADS"] == "2"
-    assert "COFEAT_EMBED_TORCH_THREADS" not in plan(["embed"], 1, "5m", tmp_path)[0].env
+    assert "COFEAT_EMBED_TORCH_THREADS" not in plan(["embed"], 1, tmp_path)[0].env
 
 
 def test_unknown_service_is_a_one_line_error(settings):

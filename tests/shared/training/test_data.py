@@ -46,6 +46,42 @@ def test_training_skips_and_counts_corrupt_and_missing_images(tmp_path):
     assert REGISTRY.get_sample_value("cofeat_train_skipped_images_total") - before == 3
 
 
+def test_bombs_and_refused_uris_are_skipped_by_training_in_little_memory(tmp_path):
+    from shared.images import ImageReader
+    from shared.settings import Settings
+    from tests.bombs import jpeg_bomb, peak_rss_growth, png_bomb
+
+    images = tmp_path / "data" / "images"
+    world = make_world(images, n=2, size=40)
+    reader = ImageReader.from_settings(Settings(data_dir=tmp_path / "data"))
+    paths = [str(png_bomb(images / "bomb.png")), str(jpeg_bomb(images / "bomb.jpg")),
+             "/etc/hostname", *world.paths]
+    data = ImageTargets(paths, np.zeros((len(paths), 2), np.float32), 32, reader=reader)
+    batches = []
+    grown = peak_rss_growth(lambda: batches.append(collate(data.__getitems__(
+        list(range(len(paths)))))))
+    assert batches[0].failed == [0, 1, 2] and len(batches[0]) == 2
+    assert grown < 100 * 1024 * 1024, grown
+
+
+def test_a_dataloader_fetches_a_batch_through_the_reader(tmp_path):
+    """Worker processes get the reader pickled (without its threads), and fetch each
+    batch's images together (`__getitems__`)."""
+    from torch.utils.data import DataLoader
+
+    from shared.images import ImageReader
+    from shared.settings import Settings
+
+    world = make_world(tmp_path / "data" / "images", n=12, size=40)
+    reader = ImageReader.from_settings(Settings(data_dir=tmp_path / "data"))
+    data = ImageTargets([*world.paths, str(tmp_path / "outside.png")],
+                        np.zeros((13, 2), np.float32), 32, reader=reader)
+    loader = DataLoader(data, batch_size=5, num_workers=2, collate_fn=collate)
+    batches = list(loader)
+    assert [len(b) for b in batches] == [5, 5, 2] and batches[-1].failed == [12]
+    assert torch.equal(batches[0].images[1], data[1][0])
+
+
 def test_augmentation_is_a_function_of_seed_epoch_and_index(tmp_path):
     world = make_world(tmp_path, n=4, size=48)
     data = ImageTargets(world.paths, world.factors, 32, Augment(), seed=3)

@@ -41,10 +41,11 @@ def test_bad_settings_and_arguments_exit(monkeypatch):
     assert CliRunner().invoke(app, ["factors"]).exit_code == 2
 
 
-def test_loop_survives_a_failed_run(monkeypatch):
+def test_loop_survives_a_failed_run(monkeypatch, tmp_path):
     import pytest
 
     from services.refresh import cli
+    from services.refresh.heartbeat import heartbeat_path
     from shared.metrics import health
 
     calls, sleeps = [], []
@@ -57,12 +58,14 @@ def test_loop_survives_a_failed_run(monkeypatch):
     def sleep(seconds):
         sleeps.append(seconds)
         assert health.ok == (len(calls) == 2)
+        # The heartbeat is written by the run that succeeded, not by the failed one.
+        assert heartbeat_path(tmp_path).exists() == (len(calls) == 2)
         if len(sleeps) == 2:
             raise KeyboardInterrupt
 
     monkeypatch.setattr(cli.time, "sleep", sleep)
     with pytest.raises(KeyboardInterrupt):
-        cli.repeat(60, step)
+        cli.repeat(60, step, tmp_path)
     assert len(calls) == 2 and all(55 < s <= 60 for s in sleeps)
 
 
