@@ -67,7 +67,7 @@ project_events = Table(
 project_state_version = Sequence("project_state_version", metadata=metadata)
 projects = Table(
     "projects", metadata,
-    Column("project_id", BigInteger, primary_key=True),
+    Column("project_id", BigInteger, primary_key=True, autoincrement=False),
     Column("owner_id", BigInteger, nullable=False),
     Column("image_uri", Text, nullable=False),
     Column("status", Text, nullable=False),
@@ -116,7 +116,7 @@ model_versions = Table(
 # state changes (an `updated` event with a fixed image) or a later embed succeeds.
 embed_failures = Table(
     "embed_failures", metadata,
-    Column("project_id", BigInteger, primary_key=True),
+    Column("project_id", BigInteger, primary_key=True, autoincrement=False),
     Column("image_uri", Text, nullable=False),
     Column("state_version", BigInteger, nullable=False,
            comment="the projects.state_version whose image failed"),
