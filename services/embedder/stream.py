@@ -210,7 +210,13 @@ class Stream:
         self.meter = Meter()
 
     def step(self, timeout_ms: int) -> None:
-        polled = self.source.poll(timeout_ms)
+        self.apply(self.source.poll(timeout_ms))
+        self.source.upkeep()
+        self.meter.tick()
+
+    def apply(self, polled: Polled) -> None:
+        """One poll's changes, and those ingest has stored since: Milvus first, then
+        failures and offsets in one transaction."""
         self.read_to.update(polled.next_offsets)
         self.gate.add(polled.changes)
         ready = self.gate.ready(self.db())
@@ -224,8 +230,6 @@ class Stream:
             metrics.IMAGES.labels("stream").inc(written.embedded)
             metrics.ALREADY_WRITTEN.inc(written.unchanged)
             self.meter.images(written.embedded, written.seconds)
-        self.source.upkeep()
-        self.meter.tick()
 
     def _offsets(self) -> dict[tuple[str, int], int]:
         """Offsets to store now: as far as polled, but not past a waiting change."""
