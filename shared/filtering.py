@@ -34,13 +34,13 @@ def filter_popularity(matrix: sp.csr_matrix, *, min_user_count: int, min_item_co
     while True:
         iterations += 1
         # Counts restricted to what is kept: one sparse product per side.
-        rows_ok = keep_rows & (binary @ keep_cols.astype(np.int64) >= min_user_count)
-        cols_ok = keep_cols & (binary.T @ rows_ok.astype(np.int64) >= min_item_count)
+        rows_ok = keep_rows & (binary @ keep_cols.astype(np.int32) >= min_user_count)
+        cols_ok = keep_cols & (binary.T @ rows_ok.astype(np.int32) >= min_item_count)
         if np.array_equal(rows_ok, keep_rows) and np.array_equal(cols_ok, keep_cols):
             break
         keep_rows, keep_cols = rows_ok, cols_ok
     rows, cols = np.flatnonzero(keep_rows), np.flatnonzero(keep_cols)
-    nnz_after = int(binary[rows][:, cols].nnz) if len(rows) and len(cols) else 0
+    nnz_after = int((binary @ keep_cols.astype(np.int32))[keep_rows].sum())
     stats = {
         "shape_before": (n_rows, n_cols), "nnz_before": int(binary.nnz),
         "density_before": _density(binary.nnz, n_rows, n_cols),
@@ -52,12 +52,15 @@ def filter_popularity(matrix: sp.csr_matrix, *, min_user_count: int, min_item_co
 
 
 def _binary(matrix) -> sp.csr_matrix:
-    """1 where the input has a non-zero entry (duplicates summed first, zeros dropped)."""
-    csr = sp.csr_matrix(matrix, copy=True)
-    csr.sum_duplicates()
-    csr.eliminate_zeros()
-    csr.data = np.ones_like(csr.data, dtype=np.int64)
-    return csr
+    """1 where the input has a non-zero entry (duplicates summed first, zeros dropped).
+    int32 counts: a count never exceeds the other side's size."""
+    csr = sp.csr_matrix(matrix)  # no copy of a CSR input: its index arrays are shared
+    if not csr.has_canonical_format or not csr.data.all():
+        csr = csr.copy()
+        csr.sum_duplicates()
+        csr.eliminate_zeros()
+    return sp.csr_matrix((np.ones(csr.nnz, dtype=np.int32), csr.indices, csr.indptr),
+                         shape=csr.shape)
 
 
 def _top(counts: np.ndarray, pct: float) -> np.ndarray:

@@ -49,6 +49,21 @@ interactions = Table(
     CheckConstraint("type BETWEEN 0 AND 3", name="interactions_type_known"),
 )
 
+# Event counts per (user, project), kept by the trigger `interactions_add_pairs` (migration
+# 0004) in the statement that inserts the events: the factor refresh reads one row per pair.
+interaction_pairs = Table(
+    "interaction_pairs", metadata,
+    Column("user_id", BigInteger, primary_key=True),
+    Column("project_id", BigInteger, primary_key=True),
+    Column("views", Integer, nullable=False, server_default="0"),
+    Column("appreciations", Integer, nullable=False, server_default="0"),
+    Column("comments", Integer, nullable=False, server_default="0"),
+    Column("owns", Integer, nullable=False, server_default="0"),
+    Column("last_appreciation_seq", BigInteger, nullable=True,
+           comment="highest interactions.seq of an appreciation: the held-out pair"),
+    postgresql_with={"fillfactor": "90"},
+)
+
 # Every project event as received, so deletes and updates are recorded, not lost.
 project_events = Table(
     "project_events", metadata,
