@@ -15,6 +15,7 @@ import scipy.sparse as sp
 
 from services.refresh.factors.cache import TrainingState
 from services.refresh.factors.pairs import Pairs
+from services.refresh.factors.read import distinct
 from shared.events import InteractionType
 from shared.filtering import filter_popularity
 from shared.settings import Settings
@@ -174,7 +175,7 @@ def changes(current: Training, pairs: Pairs, previous: TrainingState, old: Pairs
     diff.data[np.abs(diff.data) < SAME_VALUE] = 0
     diff.eliminate_zeros()
     users = _positions(current.user_rows, rows[np.flatnonzero(np.diff(diff.indptr))])
-    items = _positions(current.item_cols, np.unique(diff.indices))
+    items = _positions(current.item_cols, distinct(diff.indices))
     nnz = max(current.matrix.nnz, 1)
     return Change(users, items, int(diff.nnz), diff.nnz / nnz)
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
-from services.refresh.factors.read import NewEvents, PairRows, dense_index
+from services.refresh.factors.read import NewEvents, PairRows, dense_index, distinct
 from shared.events import InteractionType
 
 
@@ -52,8 +52,8 @@ def add_events(pairs: Pairs, events: NewEvents,
                weights: Sequence[float]) -> tuple[Pairs, np.ndarray]:
     """`pairs` plus `events`, in an index space grown by their new ids; and the users
     (indices into the result) whose sums changed."""
-    user_ids = np.union1d(pairs.user_ids, events.user_id)
-    item_ids = np.union1d(pairs.item_ids, events.project_id)
+    user_ids = distinct(np.r_[pairs.user_ids, events.user_id])
+    item_ids = distinct(np.r_[pairs.item_ids, events.project_id])
     umap = np.searchsorted(user_ids, pairs.user_ids)
     imap = np.searchsorted(item_ids, pairs.item_ids)
     shape = (len(user_ids), len(item_ids))
@@ -72,7 +72,7 @@ def add_events(pairs: Pairs, events: NewEvents,
     appreciated = events.type == InteractionType.appreciate
     latest_item, latest_seq = _latest(latest_item, latest_seq, user[appreciated],
                                       item[appreciated], events.seq[appreciated])
-    touched = np.unique(user[weight != 0])
+    touched = distinct(user[weight != 0])
     return Pairs(user_ids, item_ids, sums, latest_item, latest_seq, events.snapshot,
                  events.watermark), touched
 

@@ -227,8 +227,14 @@ def dense_index(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if len(ids) and ids.min() >= 0 and ids.max() < 8 * len(ids) + (1 << 20):
         present = np.zeros(int(ids.max()) + 1, dtype=bool)
         present[ids] = True
-        distinct = np.flatnonzero(present)
         position = np.cumsum(present, dtype=np.int32) - 1
-        return distinct.astype(np.int64), position[ids]
-    distinct, index = np.unique(ids, return_inverse=True)
-    return distinct.astype(np.int64), index.astype(np.int32)
+        return np.flatnonzero(present).astype(np.int64), position[ids]
+    values = distinct(ids.astype(np.int64))
+    return values, np.searchsorted(values, ids).astype(np.int32)
+
+
+def distinct(values: np.ndarray) -> np.ndarray:
+    """Sorted distinct values. np.unique does the same, but numpy 2.4's is 10-20x slower
+    than a sort here (6 s against 0.3 s for 2M int64)."""
+    ordered = np.sort(values)
+    return ordered[np.r_[True, ordered[1:] != ordered[:-1]]] if len(ordered) else ordered

@@ -78,3 +78,14 @@ def test_rows_committed_out_of_seq_order_are_new_exactly_once(db_url):
     assert after.user_id.tolist() == [8] and after.type.tolist() == [0]
     assert after.seq[0] < before.watermark  # lower seq, still seen as new
     assert len(again) == 0 and after.watermark == before.watermark
+
+
+def test_dense_index_of_small_and_sparse_ids():
+    import numpy as np
+
+    from services.refresh.factors.read import dense_index
+
+    for ids in (np.array([5, 3, 5, 9, 3]), np.array([10**15, 7, 10**15, -4, 7])):
+        values, index = dense_index(ids)
+        assert values.tolist() == sorted(set(ids.tolist()))
+        assert values[index].tolist() == ids.tolist()
