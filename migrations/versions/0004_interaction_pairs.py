@@ -1,15 +1,16 @@
-"""interaction_pairs: per (user, project) event counts, kept by a trigger on interactions
+"""interaction_pairs: per (user, project) event counts, folded in by the factor refresh
 
 Revision ID: 0004
 Revises: 0002
 Create Date: 2026-12-02
 
-The factor refresh reads one row per pair instead of one per event, and an incremental
-refresh finds the events its parent did not see through a BRIN index on the inserting
-transaction instead of a full scan. The trigger runs inside the statement that inserts the
-events, so the counts commit with them, whichever path writes (ingest, a replay, a COPY);
-`ON CONFLICT DO NOTHING` skips replayed events before the trigger sees them, so a replay
-never counts twice. Existing events are aggregated once here.
+A full factor refresh reads one row per pair instead of one per event. Ingest does not
+touch the pairs (keeping them there cost ingest about 65% more Postgres CPU per event): a
+full refresh first folds in the events that `interaction_pairs_state.snapshot` did not see,
+in the same transaction that records the new snapshot and reads the pairs, so every event
+is counted exactly once. The table starts empty: the first full refresh folds every event.
+An incremental refresh finds the events its parent did not see through the BRIN index on
+the inserting transaction instead of a full scan.
 """
 import sqlalchemy as sa
 from alembic import op
@@ -18,38 +19,6 @@ revision = "0004"
 down_revision = "0002"
 branch_labels = None
 depends_on = None
-
-# Sorted so that concurrent ingest transactions lock shared pairs in the same order.
-ADD_PAIRS = """
-CREATE FUNCTION interaction_pairs_add() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    INSERT INTO interaction_pairs AS p (user_id, project_id, views, appreciations, comments,
-                                        owns, last_appreciation_seq)
-    SELECT user_id, project_id, count(*) FILTER (WHERE type = 0),
-           count(*) FILTER (WHERE type = 1), count(*) FILTER (WHERE type = 2),
-           count(*) FILTER (WHERE type = 3), max(seq) FILTER (WHERE type = 1)
-    FROM inserted GROUP BY user_id, project_id ORDER BY user_id, project_id
-    ON CONFLICT (user_id, project_id) DO UPDATE SET
-        views = p.views + EXCLUDED.views,
-        appreciations = p.appreciations + EXCLUDED.appreciations,
-        comments = p.comments + EXCLUDED.comments,
-        owns = p.owns + EXCLUDED.owns,
-        last_appreciation_seq = greatest(p.last_appreciation_seq,
-                                         EXCLUDED.last_appreciation_seq);
-    RETURN NULL;
-END $$;
-CREATE TRIGGER interactions_add_pairs AFTER INSERT ON interactions
-REFERENCING NEW TABLE AS inserted FOR EACH STATEMENT EXECUTE FUNCTION interaction_pairs_add();
-"""
-
-BACKFILL = """
-INSERT INTO interaction_pairs (user_id, project_id, views, appreciations, comments, owns,
-                               last_appreciation_seq)
-SELECT user_id, project_id, count(*) FILTER (WHERE type = 0),
-       count(*) FILTER (WHERE type = 1), count(*) FILTER (WHERE type = 2),
-       count(*) FILTER (WHERE type = 3), max(seq) FILTER (WHERE type = 1)
-FROM interactions GROUP BY user_id, project_id
-"""
 
 
 def upgrade() -> None:
@@ -62,11 +31,18 @@ def upgrade() -> None:
         *counts,
         sa.Column("last_appreciation_seq", sa.BigInteger, nullable=True,
                   comment="highest interactions.seq of an appreciation: the held-out pair"),
-        # Room for HOT updates: most pair updates then touch no index.
+        # Room for HOT updates: a fold then rewrites most pairs without touching the index.
         postgresql_with={"fillfactor": "90"},
     )
-    op.execute(BACKFILL)
-    op.execute(ADD_PAIRS)
+    op.create_table(
+        "interaction_pairs_state",
+        sa.Column("id", sa.Boolean, primary_key=True, server_default=sa.true()),
+        sa.Column("snapshot", sa.Text, nullable=True,
+                  comment="pg_snapshot whose visible events the pairs hold; NULL: none"),
+        sa.Column("folded_at", sa.DateTime(timezone=True), nullable=True),
+        sa.CheckConstraint("id", name="interaction_pairs_state_one_row"),
+    )
+    op.execute("INSERT INTO interaction_pairs_state (id) VALUES (true)")
     # xid8 has no BRIN operator class; its integer value does. Rows are appended in
     # transaction order, so each block range covers a narrow band of transactions.
     op.execute("CREATE INDEX interactions_ingest_xid_brin ON interactions USING brin "
@@ -75,6 +51,5 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.execute("DROP INDEX interactions_ingest_xid_brin")
-    op.execute("DROP TRIGGER interactions_add_pairs ON interactions")
-    op.execute("DROP FUNCTION interaction_pairs_add()")
+    op.drop_table("interaction_pairs_state")
     op.drop_table("interaction_pairs")

@@ -125,6 +125,7 @@ class Read:
     rows_read: int  # pairs (store) or events (cache) read from Postgres
     rows_new: int | None  # events the parent did not see (known when reading them)
     touched: np.ndarray | None = None  # users whose sums the new events changed
+    folded: int | None = None  # pairs the store's fold wrote before a full read
 
 
 def _read(conn, mparams: MatrixParams, cached: cache.Cached | None, snapshot: str | None,
@@ -133,7 +134,8 @@ def _read(conn, mparams: MatrixParams, cached: cache.Cached | None, snapshot: st
     if cached is None:
         rows = read_pairs(conn, mparams.weights, bar)
         count = len(rows.sum)
-        return Read(pairs_from_rows(rows), "store", count, None if snapshot else count)
+        return Read(pairs_from_rows(rows), "store", count, None if snapshot else count,
+                    folded=rows.folded)
     events = read_new_events(conn, snapshot, bar)
     merged, touched = add_events(cached.pairs, events, mparams.weights)
     return Read(merged, "cache", len(events), len(events), touched)
@@ -299,7 +301,8 @@ def promotion(settings: Settings, metrics: dict) -> str:
 def _stats(version_id, parent, read: Read, current: Training, plan: Plan,
            timings) -> dict:
     stats = {**current.stats, "snapshot": read.pairs.snapshot, "read_from": read.source,
-             "rows_read": read.rows_read, "rows_new": read.rows_new, "mode": plan.mode,
+             "rows_read": read.rows_read, "rows_new": read.rows_new,
+             "pairs_folded": read.folded, "mode": plan.mode,
              "reason": plan.reason, "timings": timings}
     if plan.mode == "full":
         stats.update(full_id=version_id, full_at=time.time(), versions_since_full=0,

@@ -1,9 +1,11 @@
+import threading
+
 import psycopg
 
 from services.refresh.factors.pairs import from_rows
 from services.refresh.factors.read import any_new_since, read_new_events, read_pairs
 from shared.db.store import write_batch
-from shared.events import Interaction, InteractionType
+from shared.events import Interaction, InteractionType, ProjectEvent
 from tests.services.refresh.factors.synth import store_events, taste_world
 
 WEIGHTS = (1.0, 4.0, 4.0, 8.0)
@@ -17,6 +19,7 @@ def _expected(conn) -> dict:
     latest = dict(conn.execute(
         "SELECT DISTINCT ON (user_id) user_id, project_id FROM interactions WHERE type = 1 "
         "ORDER BY user_id, seq DESC").fetchall())
+    conn.commit()
     return {"sums": {key: float(value) for key, value in sums.items()}, "latest": latest}
 
 
@@ -46,15 +49,59 @@ def test_pairs_match_the_events(db_url, monkeypatch):
     assert rows.watermark == top and len(rows.sum) == len(expected["sums"])
 
 
-def test_a_replayed_batch_counts_once(db_url):
-    events = [Interaction(f"r{n}", InteractionType(n % 3), 1 + n % 4, 10 + n % 5,
-                          1_735_689_600_000 + n) for n in range(40)]
+def _events(prefix: str, n: int, users: int = 4, projects: int = 5):
+    return [Interaction(f"{prefix}{k}", InteractionType(k % 3), 1 + k % users,
+                        10 + k % projects, 1_735_689_600_000 + k) for k in range(n)]
+
+
+def test_folds_count_every_event_once_through_replays_and_ownership(db_url):
+    events = _events("r", 40)
     with psycopg.connect(db_url) as conn:
         write_batch(conn, events, [], "g", {})
-        once = _as_dicts(from_rows(read_pairs(conn, WEIGHTS)))
-        write_batch(conn, events[10:] + events[:5], [], "g", {})
-        again = _as_dicts(from_rows(read_pairs(conn, WEIGHTS)))
-        assert once == again == _expected(conn)
+        once = read_pairs(conn, WEIGHTS)
+        assert once.folded == 20
+        write_batch(conn, events[10:] + events[:5], [], "g", {})  # a replay: nothing new
+        again = read_pairs(conn, WEIGHTS)
+        assert again.folded == 0
+        assert _as_dicts(from_rows(once)) == _as_dicts(from_rows(again)) == _expected(conn)
+        # New events on known and new pairs, and an owner's pair from a publish event.
+        write_batch(conn, _events("s", 30, users=6), [ProjectEvent(
+            "p1", "published", 10, 1, "/x.png", 1_735_689_600_000)], "g", {})
+        third = read_pairs(conn, WEIGHTS)
+        assert third.folded > 0
+        assert _as_dicts(from_rows(third)) == _expected(conn)
+        counts = conn.execute("SELECT sum(views + appreciations + comments + owns) "
+                              "FROM interaction_pairs").fetchone()[0]
+        assert counts == conn.execute("SELECT count(*) FROM interactions").fetchone()[0] == 71
+        conn.commit()
+
+
+def test_concurrent_ingest_during_folds_loses_and_repeats_nothing(db_url):
+    stop = threading.Event()
+    errors = []
+
+    def ingest():
+        try:
+            with psycopg.connect(db_url) as conn:
+                for round_ in range(40):
+                    write_batch(conn, _events(f"c{round_}-", 100, users=7, projects=9),
+                                [], "g", {})
+        except Exception as error:  # reported below
+            errors.append(repr(error))
+        finally:
+            stop.set()
+
+    thread = threading.Thread(target=ingest)
+    thread.start()
+    with psycopg.connect(db_url) as conn:
+        reads = 0
+        while not stop.is_set() or reads == 0:
+            read_pairs(conn, WEIGHTS)
+            reads += 1
+        thread.join(60)
+        final = from_rows(read_pairs(conn, WEIGHTS))
+        assert errors == [] and reads >= 2
+        assert _as_dicts(final) == _expected(conn)
 
 
 def _event(n, user=7, project=70):
@@ -75,6 +122,9 @@ def test_rows_committed_out_of_seq_order_are_new_exactly_once(db_url):
         assert any_new_since(first, before.snapshot)
         after = read_new_events(first, before.snapshot)
         again = read_new_events(first, after.snapshot)
+        folded = read_pairs(first, WEIGHTS)  # the late event is folded in, once
+        assert sorted(folded.user_id.tolist()) == [7, 8] and folded.folded == 1
+        assert _as_dicts(from_rows(folded)) == _expected(first)
     assert after.user_id.tolist() == [8] and after.type.tolist() == [0]
     assert after.seq[0] < before.watermark  # lower seq, still seen as new
     assert len(again) == 0 and after.watermark == before.watermark
