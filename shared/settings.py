@@ -105,6 +105,17 @@ class Settings(BaseSettings):
         0.1, gt=0, description="full refit when changed/total non-zeros since the last one exceeds")
     refresh_promote_margin: float = Field(
         0.1, ge=0, description="reject if recall@k < parent's * (1 - margin)")
+    # Where full factor fits run (docs/factors.md, "On Apache Spark"): implicit in this
+    # process, or Spark MLlib's ALS on the cluster COFEAT_SPARK_MASTER names.
+    factors_engine: Literal["implicit", "spark"] = "implicit"
+    spark_master: str = Field("local[2]", description="local[N], spark://host:port, yarn, "
+                              "k8s://https://host:port")
+    spark_exchange_dir: Path | None = Field(
+        None, description="Parquet in and out of Spark; every executor must see it "
+        "(default: COFEAT_DATA_DIR/spark)")
+    spark_conf: dict[str, str] = Field(
+        default_factory=dict, description='extra Spark settings, JSON: {"spark.executor.'
+        'memory": "8g"}')
 
     # The query API (`cofeat serve`, `cofeat search`).
     api_token: SecretStr | None = Field(

@@ -49,16 +49,20 @@ class Plan:
     mode: str
     reason: str
     change: object = None  # matrix.Change for incremental refreshes
+    engine: dict | None = None  # how the Spark engine ran (master, regParam)
 
 
 def version_params(settings: Settings) -> dict:
     return {"matrix": asdict(MatrixParams.from_settings(settings)),
-            "als": asdict(als.AlsParams.from_settings(settings)), "k_eval": settings.eval_k}
+            "als": asdict(als.AlsParams.from_settings(settings)), "k_eval": settings.eval_k,
+            "engine": settings.factors_engine}
 
 
 def _defining(params: dict) -> dict:
-    return {**params, "als": {key: value for key, value in params["als"].items()
-                              if key not in RUNTIME_PARAMS}}
+    # Versions from before engines were recorded were all fitted by implicit.
+    return {**params, "engine": params.get("engine", "implicit"),
+            "als": {key: value for key, value in params["als"].items()
+                    if key not in RUNTIME_PARAMS}}
 
 
 def run_factors_once(settings: Settings, *, full: bool = False,
@@ -192,6 +196,8 @@ def _full_refit_due(settings: Settings, params: dict, parent: dict | None,
         return "requested"
     if not _same_params(parent, params):
         return "parameters changed"
+    if settings.factors_engine == "spark":
+        return "the spark engine refits in full"
     stats = parent["stats"]
     if stats.get("versions_since_full", 0) + 1 >= settings.refresh_full_every:
         return f"every {settings.refresh_full_every} versions"
@@ -210,7 +216,8 @@ def _fit_and_store(conn, settings, params, version_id, parent, parent_factors, r
     with telemetry.timed(f"fit_{plan.mode}", timings):
         users, items, alignment = fit_version(
             current.matrix, als.AlsParams.from_settings(settings), parent_factors, user_ids,
-            item_ids, plan, progress)
+            item_ids, plan, progress,
+            spark=settings if settings.factors_engine == "spark" else None)
     with telemetry.timed("evaluate", timings):
         metrics = evaluate(users, items, current.matrix, current.heldout_user,
                            current.heldout_item, settings.eval_k)
@@ -251,11 +258,17 @@ def _save_cache(settings: Settings, version_id: int, parent: dict | None, pairs:
 
 
 def fit_version(matrix, params: als.AlsParams, parent: Factors | None, user_ids, item_ids,
-                plan: Plan, progress: bool = False):
-    """(user factors, item factors, alignment to the parent or None)."""
+                plan: Plan, progress: bool = False, spark: Settings | None = None):
+    """(user factors, item factors, alignment to the parent or None); full fits on Spark
+    when `spark` (the settings naming the cluster) is given."""
     prev_u = (parent.user_ids, parent.user_factors) if parent else (None, None)
     prev_i = (parent.item_ids, parent.item_factors) if parent else (None, None)
-    if plan.mode == "full":
+    if plan.mode == "full" and spark is not None:
+        from services.refresh.factors import spark as spark_engine
+
+        users, items, plan.engine = spark_engine.fit_full(matrix, params, spark.als_alpha,
+                                                          spark)
+    elif plan.mode == "full":
         rng = np.random.default_rng(params.seed)
         users, items = als.fit_full(
             matrix, params, als.grow(*prev_u, user_ids, params.factors, rng),
@@ -302,7 +315,7 @@ def _stats(version_id, parent, read: Read, current: Training, plan: Plan,
            timings) -> dict:
     stats = {**current.stats, "snapshot": read.pairs.snapshot, "read_from": read.source,
              "rows_read": read.rows_read, "rows_new": read.rows_new,
-             "pairs_folded": read.folded, "mode": plan.mode,
+             "pairs_folded": read.folded, "mode": plan.mode, "spark": plan.engine,
              "reason": plan.reason, "timings": timings}
     if plan.mode == "full":
         stats.update(full_id=version_id, full_at=time.time(), versions_since_full=0,
