@@ -169,18 +169,20 @@ def _stages(args, env, root: Path, url: str, stages: list[dict]) -> None:
     me = [sys.executable, "-m", "benchmarks.pipeline"]
     events_dir = root / "data" / "events"
 
-    def stage(name, command, unit, count=None):
-        result = _run(name, command, env)
+    def stage(name, command, unit, count=None, **extra_env):
+        result = _run(name, command, {**env, **extra_env})
         stages.append({**result, "unit": unit, "count": count(result) if count else None})
         row = stages[-1]
         print(f"  {name}: {row['wall']:.1f} s wall, {row['cpu']:.1f} CPU-s, peak RSS "
               f"{row['rss']:.2f} GiB", flush=True)
         return result
 
+    _run("migrate", cofeat + ["migrate"], env)  # set-up, not a stage
     image_size = "32" if args.preset == "tiny" else "64"
     stage("simulate", cofeat + ["simulate", "--preset", args.preset, "--image-size",
                                 image_size, "--format", "jpeg", "--out", str(events_dir)],
-          "event", lambda _: _lines(events_dir / "cofeat.interactions.jsonl"))
+          "event", lambda _: _lines(events_dir / "cofeat.interactions.jsonl"),
+          COFEAT_TOPIC_PREFIX="")  # plain file names; produce sends under the prefix
     first = stage("produce 99%", me + ["produce", str(events_dir), "first"], "event",
                   lambda r: json.loads(r["stdout"])["interactions"])
     stage("ingest 99%", cofeat + ["ingest", "--drain"], "event",

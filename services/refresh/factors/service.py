@@ -22,7 +22,7 @@ from services.refresh.factors import align, als, cache, telemetry, versions
 from services.refresh.factors.matrix import MatrixParams, Training, build_training, changes
 from services.refresh.factors.pairs import Pairs, add_events
 from services.refresh.factors.pairs import from_rows as pairs_from_rows
-from services.refresh.factors.quality import compare_with_parent, evaluate
+from services.refresh.factors.quality import compare_with_parent, evaluate, factor_ranks
 from services.refresh.factors.read import any_new_since, read_new_events, read_pairs
 from services.refresh.runs import run_locked
 from shared.factors import Factors, current_factor_version, load_factors
@@ -219,11 +219,13 @@ def _fit_and_store(conn, settings, params, version_id, parent, parent_factors, r
             item_ids, plan, progress,
             spark=settings if settings.factors_engine == "spark" else None)
     with telemetry.timed("evaluate", timings):
+        ranks = factor_ranks(users, items, current.matrix, current.heldout_user,
+                             current.heldout_item)
         metrics = evaluate(users, items, current.matrix, current.heldout_user,
-                           current.heldout_item, settings.eval_k)
+                           current.heldout_item, settings.eval_k, ranks)
         if parent_factors is not None:
             metrics.update(_against_parent(settings, parent_factors, users, items, user_ids,
-                                           item_ids, current))
+                                           item_ids, current, ranks))
     metrics.update(alignment.as_metrics() if alignment else {})
     metrics = versions.clean(metrics)  # as stored: NaN (nothing to align) becomes None
     status = promotion(settings, metrics)
@@ -291,14 +293,14 @@ def fit_version(matrix, params: als.AlsParams, parent: Factors | None, user_ids,
 
 
 def _against_parent(settings, parent: Factors, users, items, user_ids, item_ids,
-                    current: Training) -> dict:
+                    current: Training, ranks) -> dict:
     k = parent.item_factors.shape[1]  # may differ from the candidate's after a change
     parent_users = als.grow(parent.user_ids, np.asarray(parent.user_factors), user_ids, k, None)
     parent_items = als.grow(parent.item_ids, np.asarray(parent.item_factors), item_ids, k, None)
     known = np.isin(user_ids, parent.user_ids)
     return compare_with_parent((users, items), (parent_users, parent_items), known,
                                current.matrix, current.heldout_user, current.heldout_item,
-                               settings.eval_k)
+                               settings.eval_k, ranks)
 
 
 def promotion(settings: Settings, metrics: dict) -> str:

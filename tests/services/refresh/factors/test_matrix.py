@@ -165,3 +165,23 @@ def PairRowsEmpty():  # noqa: N802 (reads like the class it builds)
 
     empty = np.zeros(0, np.int64)
     return PairRows(empty, empty, np.zeros(0, np.float32), empty, empty, empty, "", 0)
+
+
+def test_popular_ranks_equal_ranking_every_project_by_its_users():
+    from services.refresh.factors.quality import heldout_ranks, popular_ranks
+
+    rng = np.random.default_rng(3)
+    train = sp.random(60, 40, density=0.2, format="csr", random_state=rng)
+    users = np.arange(60)
+    items = rng.integers(0, 40, 60)
+    train = train.tolil()
+    train[users, items] = 0  # the held-out project is never in training
+    train = train.tocsr()
+    train.eliminate_zeros()
+    popularity = np.bincount(train.indices, minlength=40).astype(np.float32)
+
+    def scores(batch):
+        return np.broadcast_to(popularity, (len(batch), 40)).copy()
+
+    assert popular_ranks(train, users, items).tolist() == heldout_ranks(
+        scores, train, users, items).tolist()
