@@ -104,28 +104,31 @@ def choose_heldout(pairs: Pairs, params: MatrixParams) -> tuple[np.ndarray, np.n
     return users.astype(np.int64), pairs.latest_item[users].astype(np.int64)
 
 
-def without(matrix: sp.csr_matrix, rows: np.ndarray, cols: np.ndarray) -> sp.csr_matrix:
-    """A copy of `matrix` (sorted indices) without the entries (rows[k], cols[k])."""
-    out = matrix.copy()
-    starts, ends = out.indptr[rows], out.indptr[rows + 1]
-    for start, end, col in zip(starts, ends, cols, strict=True):
-        at = start + np.searchsorted(out.indices[start:end], col)
-        if at < end and out.indices[at] == col:
-            out.data[at] = 0
-    out.eliminate_zeros()
-    return out
+def _entry_positions(matrix: sp.csr_matrix, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """Positions in matrix.data of the entries (rows[k], cols[k]) it has (sorted indices)."""
+    found = []
+    for row, col in zip(rows.tolist(), cols.tolist(), strict=True):
+        start, end = matrix.indptr[row], matrix.indptr[row + 1]
+        at = start + int(np.searchsorted(matrix.indices[start:end], col))
+        if at < end and matrix.indices[at] == col:
+            found.append(at)
+    return np.asarray(found, dtype=np.int64)
 
 
 def build_training(pairs: Pairs, params: MatrixParams) -> Training:
-    """The matrix a version trains on: held-out pairs removed, filtered, confidence."""
+    """The matrix a version trains on: held-out pairs removed, filtered, confidence.
+    One pass over the pairs' arrays: at the paper's size every copy is gigabytes."""
     hu, hi = choose_heldout(pairs, params)
-    sums = without(pairs.sums, hu, hi)
-    kept = filter_popularity(sums, min_user_count=params.min_user_count,
+    sums = pairs.sums
+    present = np.ones(sums.nnz, dtype=np.int32)
+    present[_entry_positions(sums, hu, hi)] = 0  # held out: not trained on, not counted
+    kept = filter_popularity(sp.csr_matrix((present, sums.indices, sums.indptr),
+                                           shape=sums.shape),
+                             min_user_count=params.min_user_count,
                              min_item_count=params.min_item_count,
                              top_user_pct=params.top_user_pct, top_item_pct=params.top_item_pct)
-    matrix = _select(sums, kept.rows, kept.cols)
-    del sums
-    matrix.sort_indices()
+    matrix = _select(sums, kept.rows, kept.cols, present.astype(bool))
+    del present
     matrix.data = confidence(matrix.data, params.alpha, params.eps)
     eval_user, eval_item = _heldout_in(kept.rows, kept.cols, hu, hi)
     stats = {**{key: list(value) if isinstance(value, tuple) else value
@@ -134,13 +137,23 @@ def build_training(pairs: Pairs, params: MatrixParams) -> Training:
     return Training(matrix, kept.rows, kept.cols, eval_user, eval_item, hu, hi, stats)
 
 
-def _select(matrix: sp.csr_matrix, rows: np.ndarray, cols: np.ndarray) -> sp.csr_matrix:
-    """matrix[rows][:, cols], skipping a selection that keeps everything (each copies)."""
-    if len(rows) < matrix.shape[0]:
-        matrix = matrix[rows]
-    if len(cols) < matrix.shape[1]:
-        matrix = matrix[:, cols]
-    return matrix.tocsr()
+def _select(matrix: sp.csr_matrix, rows: np.ndarray, cols: np.ndarray,
+            keep: np.ndarray) -> sp.csr_matrix:
+    """matrix[rows][:, cols] without the entries where `keep` is False, in one pass."""
+    n_rows, n_cols = matrix.shape
+    lengths = np.diff(matrix.indptr)
+    mask = np.repeat(_mask(n_rows, rows), lengths)
+    mask &= _mask(n_cols, cols)[matrix.indices]
+    mask &= keep
+    col_index = np.full(n_cols, -1, dtype=np.int32)
+    col_index[cols] = np.arange(len(cols), dtype=np.int32)
+    starts = np.minimum(matrix.indptr[:-1], max(len(mask) - 1, 0))
+    counts = (np.add.reduceat(mask, starts, dtype=np.int64) if len(mask)
+              else np.zeros(n_rows, np.int64))
+    counts[lengths == 0] = 0
+    indptr = np.r_[0, np.cumsum(counts[rows])]
+    return sp.csr_matrix((matrix.data[mask], col_index[matrix.indices[mask]], indptr),
+                         shape=(len(rows), len(cols)))
 
 
 def _heldout_in(rows, cols, hu, hi) -> tuple[np.ndarray, np.ndarray]:
