@@ -35,10 +35,15 @@ from services.refresh.factors.matrix import (  # noqa: E402
     build_training,
     changes,
 )
+from services.refresh.factors.pairs import add_events  # noqa: E402
 from services.refresh.factors.quality import evaluate  # noqa: E402
-from services.refresh.factors.read import index_rows  # noqa: E402
 from shared.settings import Settings  # noqa: E402
-from tests.services.refresh.factors.synth import Events, make_world  # noqa: E402
+from tests.services.refresh.factors.synth import (  # noqa: E402
+    Events,
+    make_world,
+    new_events,
+    pairs_of,
+)
 
 SIZES = {"small": (5_000, 10_000, 1_000_000), "behance": (309_000, 423_000, 40_000_000)}
 
@@ -163,12 +168,15 @@ def run_behance(args) -> None:
     extra = burst(world, events // 100, rng)
     print(f"behance: generated {events:,} + {len(extra):,} events in "
           f"{time.perf_counter() - start:.0f} s (not timed below)")
-    data = _in_memory(base, extra)
+    old = pairs_of(base, mparams.weights)
+    new = new_events(extra, len(base))
     del base
+    with _clock("add the new events to the previous pairs") as _:
+        data, touched = add_events(old, new, mparams.weights)
     with _clock("matrix build + filter (all rows)") as _:
         current = build_training(data, mparams)
     with _clock("matrix build + filter (previous rows)") as _:
-        previous = build_training(data, mparams, only_old=True)
+        previous = build_training(old, mparams)
     st = current.stats
     print(f"  matrix {st['shape_before']} nnz {st['nnz_before']:,} -> {st['shape_after']} "
           f"nnz {st['nnz_after']:,} (density {st['density_after']:.5f})")
@@ -188,27 +196,18 @@ def run_behance(args) -> None:
     print(f"  {per_iteration:.1f} s wall ({cpu_per_iteration:.1f} s CPU) per iteration; a "
           f"{settings.als_iterations}-iteration full fit would take ~{full_estimate[0]:.0f} s "
           f"wall, {full_estimate[1]:.0f} s CPU")
-    inc = _behance_incremental(data, current, previous, uf, itf, params, full_estimate,
-                               settings.eval_k)
+    inc = _behance_incremental(data, old, touched, current, previous, uf, itf, params,
+                               mparams, full_estimate, settings.eval_k)
     if args.compare_full:
-        _behance_full_refit(data, current, previous, uf, itf, p_run, settings.eval_k, inc)
+        _behance_full_refit(data, old, current, previous, uf, itf, p_run, settings.eval_k, inc)
 
 
-def _in_memory(base: Events, extra: Events):
-    columns = {"user_id": np.r_[base.user, extra.user], "project_id": np.r_[base.item, extra.item],
-               "type": np.r_[base.type, extra.type],
-               "seq": np.arange(len(base) + len(extra), dtype=np.int64),
-               "is_new": np.r_[np.zeros(len(base), bool), np.ones(len(extra), bool)]}
-    return index_rows(columns, "in-memory", len(columns["seq"]))
-
-
-def _behance_incremental(data, current: Training, previous: Training, uf, itf, params,
-                         full_estimate, k) -> None:
-    shape = (len(data.user_ids), len(data.item_ids))
+def _behance_incremental(data, old, touched, current: Training, previous: Training, uf, itf,
+                         params, mparams, full_estimate, k) -> None:
     with _clock("diff against the previous matrix") as _:
-        change = changes(current, previous, shape)
-    prev_users = data.user_ids[previous.user_rows]
-    prev_items = data.item_ids[previous.item_cols]
+        change = changes(current, data, previous.state(old), old, touched, mparams)
+    prev_users = old.user_ids[previous.user_rows]
+    prev_items = old.item_ids[previous.item_cols]
     user_ids, item_ids = data.user_ids[current.user_rows], data.item_ids[current.item_cols]
     new_users = np.flatnonzero(~np.isin(user_ids, prev_users))
     new_items = np.flatnonzero(~np.isin(item_ids, prev_items))
@@ -229,10 +228,11 @@ def _behance_incremental(data, current: Training, previous: Training, uf, itf, p
     return metrics
 
 
-def _behance_full_refit(data, current, previous, uf, itf, params, k, inc_metrics) -> None:
+def _behance_full_refit(data, old, current, previous, uf, itf, params, k,
+                        inc_metrics) -> None:
     """A warm full refit of the new matrix with the same iterations, for comparison."""
-    prev_users = data.user_ids[previous.user_rows]
-    prev_items = data.item_ids[previous.item_cols]
+    prev_users = old.user_ids[previous.user_rows]
+    prev_items = old.item_ids[previous.item_cols]
     user_ids, item_ids = data.user_ids[current.user_rows], data.item_ids[current.item_cols]
     rng = np.random.default_rng(0)
     with _clock(f"warm full refit, {params.iterations} iterations") as _:

@@ -109,6 +109,17 @@ class Settings(BaseSettings):
     # The periodic refresh (`cofeat refresh --loop`, and `cofeat run`): factors, then the CNN.
     refresh_every: str = Field("10m", description="start to start: 90s, 10m, 1.5h, 1d or "
                                "plain seconds")
+    # Where full factor fits run (docs/factors.md, "On Apache Spark"): implicit in this
+    # process, or Spark MLlib's ALS on the cluster COFEAT_SPARK_MASTER names.
+    factors_engine: Literal["implicit", "spark"] = "implicit"
+    spark_master: str = Field("local[2]", description="local[N], spark://host:port, yarn, "
+                              "k8s://https://host:port")
+    spark_exchange_dir: Path | None = Field(
+        None, description="Parquet in and out of Spark; every executor must see it "
+        "(default: COFEAT_DATA_DIR/spark)")
+    spark_conf: dict[str, str] = Field(
+        default_factory=dict, description='extra Spark settings, JSON: {"spark.executor.'
+        'memory": "8g"}')
 
     # The query API (`cofeat serve`, `cofeat search`).
     api_token: SecretStr | None = Field(

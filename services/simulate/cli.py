@@ -21,7 +21,7 @@ Count = Annotated[int | None, typer.Option(min=1)]
 
 
 def main(
-    preset: Annotated[str, typer.Option(help="tiny | small | behance")] = "small",
+    preset: Annotated[str, typer.Option(help="tiny | small | medium | behance")] = "small",
     users: Count = None,
     projects: Count = None,
     events: Annotated[int | None, typer.Option(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     CheckConstraint,
     Column,
     DateTime,
@@ -17,6 +18,7 @@ from sqlalchemy import (
     Text,
     func,
     text,
+    true,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.types import UserDefinedType
@@ -48,6 +50,32 @@ interactions = Table(
     # that snapshot did not see (pg_visible_in_snapshot).
     Column("ingest_xid", XID8, nullable=False, server_default=text("pg_current_xact_id()")),
     CheckConstraint("type BETWEEN 0 AND 3", name="interactions_type_known"),
+)
+
+# Event counts per (user, project), for the factor refresh to read one row per pair. Folded
+# in by a full refresh (services/refresh/factors/read.py), not by ingest: they hold exactly
+# the events visible to interaction_pairs_state.snapshot. (Migration 0004 also adds a BRIN
+# index on interactions' ingest_xid, as an integer, to find the events a snapshot missed.)
+interaction_pairs = Table(
+    "interaction_pairs", metadata,
+    Column("user_id", BigInteger, primary_key=True),
+    Column("project_id", BigInteger, primary_key=True),
+    Column("views", Integer, nullable=False, server_default="0"),
+    Column("appreciations", Integer, nullable=False, server_default="0"),
+    Column("comments", Integer, nullable=False, server_default="0"),
+    Column("owns", Integer, nullable=False, server_default="0"),
+    Column("last_appreciation_seq", BigInteger, nullable=True,
+           comment="highest interactions.seq of an appreciation: the held-out pair"),
+    postgresql_with={"fillfactor": "90"},
+)
+
+interaction_pairs_state = Table(
+    "interaction_pairs_state", metadata,
+    Column("id", Boolean, primary_key=True, server_default=true()),
+    Column("snapshot", Text, nullable=True,
+           comment="pg_snapshot whose visible events the pairs hold; NULL: none"),
+    Column("folded_at", DateTime(timezone=True), nullable=True),
+    CheckConstraint("id", name="interaction_pairs_state_one_row"),
 )
 
 # Every project event as received, so deletes and updates are recorded, not lost.

@@ -39,19 +39,38 @@ def ranking_metrics(ranks: np.ndarray, k: int) -> dict:
             f"map@{k}": float(np.where(hits, 1.0 / (ranks + 1), 0.0).mean())}
 
 
-def evaluate(user_factors: np.ndarray, item_factors: np.ndarray, train: sp.csr_matrix,
-             users: np.ndarray, items: np.ndarray, k: int) -> dict:
-    """The version's scores, the most-popular baseline's, and the number of users."""
-    popularity = np.diff(train.tocsc().indptr).astype(np.float32)
+def popular_ranks(train: sp.csr_matrix, users: np.ndarray, items: np.ndarray) -> np.ndarray:
+    """heldout_ranks for scores = each project's number of training users, without a
+    users x projects score matrix: counts over all projects minus the user's seen ones."""
+    popularity = np.bincount(train.indices, minlength=train.shape[1])
+    ordered = np.sort(popularity)
+    target = popularity[items]
+    above = len(ordered) - np.searchsorted(ordered, target, side="right")
+    equal = len(ordered) - above - np.searchsorted(ordered, target, side="left")
+    seen = train[users]
+    row = np.repeat(np.arange(len(users)), np.diff(seen.indptr))
+    seen_score = popularity[seen.indices]
+    above = above - np.bincount(row, weights=seen_score > target[row], minlength=len(users))
+    equal = equal - np.bincount(row, weights=seen_score == target[row], minlength=len(users))
+    return (above + (equal - 1) // 2).astype(np.int64)
 
-    def factor_scores(batch):
+
+def factor_ranks(user_factors: np.ndarray, item_factors: np.ndarray, train: sp.csr_matrix,
+                 users: np.ndarray, items: np.ndarray) -> np.ndarray:
+    def scores(batch):
         return user_factors[batch] @ item_factors.T
+    return heldout_ranks(scores, train, users, items)
 
-    def popular_scores(batch):
-        return np.broadcast_to(popularity, (len(batch), len(popularity))).copy()
 
-    model = ranking_metrics(heldout_ranks(factor_scores, train, users, items), k)
-    popular = ranking_metrics(heldout_ranks(popular_scores, train, users, items), k)
+def evaluate(user_factors: np.ndarray, item_factors: np.ndarray, train: sp.csr_matrix,
+             users: np.ndarray, items: np.ndarray, k: int,
+             ranks: np.ndarray | None = None) -> dict:
+    """The version's scores, the most-popular baseline's, and the number of users; `ranks`:
+    the version's factor_ranks when already computed."""
+    if ranks is None:
+        ranks = factor_ranks(user_factors, item_factors, train, users, items)
+    model = ranking_metrics(ranks, k)
+    popular = ranking_metrics(popular_ranks(train, users, items), k)
     return {**model, **{f"popular_{name}": value for name, value in popular.items()},
             "eval_users": len(users), "k": k}
 
@@ -59,7 +78,7 @@ def evaluate(user_factors: np.ndarray, item_factors: np.ndarray, train: sp.csr_m
 def compare_with_parent(candidate: tuple[np.ndarray, np.ndarray],
                         parent: tuple[np.ndarray, np.ndarray], known_user: np.ndarray,
                         train: sp.csr_matrix, users: np.ndarray, items: np.ndarray,
-                        k: int) -> dict:
+                        k: int, candidate_ranks: np.ndarray | None = None) -> dict:
     """Candidate and parent on the same held-out pairs: those of users the parent knows.
 
     The parent never trained on these pairs: each is its user's latest appreciation, which
@@ -68,9 +87,11 @@ def compare_with_parent(candidate: tuple[np.ndarray, np.ndarray],
     common = known_user[users]
     result = {}
     for name, (user_factors, item_factors) in (("candidate", candidate), ("parent", parent)):
-        def scores(batch, uf=user_factors, itf=item_factors):
-            return uf[batch] @ itf.T
-        ranks = heldout_ranks(scores, train, users[common], items[common])
+        if name == "candidate" and candidate_ranks is not None:  # the same pairs, scored
+            ranks = candidate_ranks[common]
+        else:
+            ranks = factor_ranks(user_factors, item_factors, train, users[common],
+                                 items[common])
         result.update({f"{name}_{key}": value
                        for key, value in ranking_metrics(ranks, k).items()})
     result["compared_users"] = int(common.sum())

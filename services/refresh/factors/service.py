@@ -18,10 +18,12 @@ import numpy as np
 import psycopg
 from tqdm.auto import tqdm
 
-from services.refresh.factors import align, als, telemetry, versions
+from services.refresh.factors import align, als, cache, telemetry, versions
 from services.refresh.factors.matrix import MatrixParams, Training, build_training, changes
-from services.refresh.factors.quality import compare_with_parent, evaluate
-from services.refresh.factors.read import Interactions, any_new_since, read_interactions
+from services.refresh.factors.pairs import Pairs, add_events
+from services.refresh.factors.pairs import from_rows as pairs_from_rows
+from services.refresh.factors.quality import compare_with_parent, evaluate, factor_ranks
+from services.refresh.factors.read import any_new_since, read_new_events, read_pairs
 from services.refresh.runs import run_locked
 from shared.factors import Factors, current_factor_version, load_factors
 from shared.logs import bound
@@ -47,16 +49,20 @@ class Plan:
     mode: str
     reason: str
     change: object = None  # matrix.Change for incremental refreshes
+    engine: dict | None = None  # how the Spark engine ran (master, regParam)
 
 
 def version_params(settings: Settings) -> dict:
     return {"matrix": asdict(MatrixParams.from_settings(settings)),
-            "als": asdict(als.AlsParams.from_settings(settings)), "k_eval": settings.eval_k}
+            "als": asdict(als.AlsParams.from_settings(settings)), "k_eval": settings.eval_k,
+            "engine": settings.factors_engine}
 
 
 def _defining(params: dict) -> dict:
-    return {**params, "als": {key: value for key, value in params["als"].items()
-                              if key not in RUNTIME_PARAMS}}
+    # Versions from before engines were recorded were all fitted by implicit.
+    return {**params, "engine": params.get("engine", "implicit"),
+            "als": {key: value for key, value in params["als"].items()
+                    if key not in RUNTIME_PARAMS}}
 
 
 def run_factors_once(settings: Settings, *, full: bool = False,
@@ -74,36 +80,69 @@ def _run_locked(conn: psycopg.Connection, settings: Settings, full: bool,
     parent = current_factor_version(conn)
     conn.commit()
     params = version_params(settings)
+    mparams = MatrixParams.from_settings(settings)
     if not full and _rejected_without_news(conn, parent, params):
         return RunResult("skipped", "no new interactions since the last rejected version")
-    with telemetry.timed("read", timings):
-        bar = (lambda it: tqdm(it, desc="read", unit="range")) if progress else None
-        data = read_interactions(conn, parent["stats"].get("snapshot") if parent else None,
-                                 bar)
-        conn.isolation_level = None
-    if parent and not full and not data.is_new.any() and _same_params(parent, params):
+    snapshot = parent["stats"].get("snapshot") if parent else None
+    if (parent and not full and snapshot and _same_params(parent, params)
+            and not any_new_since(conn, snapshot)):
         log.info("no interactions since version %d; nothing to do", parent["id"])
         return RunResult("skipped", "no new interactions", parent["id"])
+    parent_factors = _parent_factors(settings, parent)
+    due = _full_refit_due(settings, params, parent, full)
+    if not due and parent_factors is None:
+        due = "parent artifact unreadable"
+    cached = None if due else cache.load(settings.data_dir, parent, mparams.weights)
+    if not due and cached is None:
+        due = "no pair cache for the parent version"
+    with telemetry.timed("read", timings):
+        read = _read(conn, mparams, cached, snapshot, progress)
+        conn.isolation_level = None
     with telemetry.timed("matrix", timings):
-        current = build_training(data, MatrixParams.from_settings(settings))
+        current = build_training(read.pairs, mparams)
     telemetry.record_matrix(current.stats)
     if current.matrix.nnz == 0:
         return RunResult("skipped", "no interactions survive filtering")
-    parent_factors = _parent_factors(settings, parent)
     with telemetry.timed("plan", timings):
-        plan = plan_refresh(settings, params, parent, parent_factors, data, current, full)
+        plan = (Plan("full", due) if due else
+                plan_incremental(settings, parent, parent_factors, cached, read, current))
     log.info("%s refresh: %s", plan.mode, plan.reason)
     version_id = versions.reserve_id(conn)
     try:
         with bound(factor_version=version_id):
             return _fit_and_store(conn, settings, params, version_id, parent, parent_factors,
-                                  data, current, plan, timings, progress)
+                                  read, current, plan, timings, progress)
     except BaseException as error:
         versions.remove_dir(settings.data_dir, version_id)
         versions.record_failure(conn, version_id, parent["id"] if parent else None, params,
                                 error)
         telemetry.VERSIONS.labels(plan.mode, "failed").inc()
         raise
+
+
+@dataclass
+class Read:
+    """The pairs a version trains on, and how they were read."""
+
+    pairs: Pairs
+    source: str  # store: every pair from interaction_pairs; cache: the parent's + new events
+    rows_read: int  # pairs (store) or events (cache) read from Postgres
+    rows_new: int | None  # events the parent did not see (known when reading them)
+    touched: np.ndarray | None = None  # users whose sums the new events changed
+    folded: int | None = None  # pairs the store's fold wrote before a full read
+
+
+def _read(conn, mparams: MatrixParams, cached: cache.Cached | None, snapshot: str | None,
+          progress: bool) -> Read:
+    bar = (lambda it: tqdm(it, desc="read", unit="range")) if progress else None
+    if cached is None:
+        rows = read_pairs(conn, mparams.weights, bar)
+        count = len(rows.sum)
+        return Read(pairs_from_rows(rows), "store", count, None if snapshot else count,
+                    folded=rows.folded)
+    events = read_new_events(conn, snapshot, bar)
+    merged, touched = add_events(cached.pairs, events, mparams.weights)
+    return Read(merged, "cache", len(events), len(events), touched)
 
 
 def _same_params(version: dict, params: dict) -> bool:
@@ -134,19 +173,14 @@ def _parent_factors(settings: Settings, parent: dict | None) -> Factors | None:
         return None
 
 
-def plan_refresh(settings: Settings, params: dict, parent: dict | None,
-                 parent_factors: Factors | None, data: Interactions, current: Training,
-                 full: bool) -> Plan:
-    due = _full_refit_due(settings, params, parent, full)
-    if due:
-        return Plan("full", due)
-    if parent_factors is None:
-        return Plan("full", "parent artifact unreadable")
-    previous = build_training(data, MatrixParams.from_settings(settings), only_old=True)
-    if not (np.array_equal(data.user_ids[previous.user_rows], parent_factors.user_ids)
-            and np.array_equal(data.item_ids[previous.item_cols], parent_factors.item_ids)):
-        return Plan("full", "parent's ids differ from its snapshot's matrix")
-    change = changes(current, previous, (len(data.user_ids), len(data.item_ids)))
+def plan_incremental(settings: Settings, parent: dict, parent_factors: Factors,
+                     cached: cache.Cached, read: Read, current: Training) -> Plan:
+    previous = cached.training
+    if not (np.array_equal(previous.kept_user_ids, parent_factors.user_ids)
+            and np.array_equal(previous.kept_item_ids, parent_factors.item_ids)):
+        return Plan("full", "parent's ids differ from its cached matrix")
+    change = changes(current, read.pairs, previous, cached.pairs, read.touched,
+                     MatrixParams.from_settings(settings))
     drift = parent["stats"].get("drift_since_full", 0.0) + change.drift
     if drift > settings.refresh_drift_threshold:
         return Plan("full", f"drift {drift:.3f} > {settings.refresh_drift_threshold}")
@@ -162,6 +196,8 @@ def _full_refit_due(settings: Settings, params: dict, parent: dict | None,
         return "requested"
     if not _same_params(parent, params):
         return "parameters changed"
+    if settings.factors_engine == "spark":
+        return "the spark engine refits in full"
     stats = parent["stats"]
     if stats.get("versions_since_full", 0) + 1 >= settings.refresh_full_every:
         return f"every {settings.refresh_full_every} versions"
@@ -172,32 +208,38 @@ def _full_refit_due(settings: Settings, params: dict, parent: dict | None,
     return None
 
 
-def _fit_and_store(conn, settings, params, version_id, parent, parent_factors, data, current,
-                   plan, timings, progress) -> RunResult:
-    user_ids = data.user_ids[current.user_rows]
-    item_ids = data.item_ids[current.item_cols]
+def _fit_and_store(conn, settings, params, version_id, parent, parent_factors, read: Read,
+                   current, plan, timings, progress) -> RunResult:
+    pairs = read.pairs
+    user_ids = pairs.user_ids[current.user_rows]
+    item_ids = pairs.item_ids[current.item_cols]
     with telemetry.timed(f"fit_{plan.mode}", timings):
         users, items, alignment = fit_version(
             current.matrix, als.AlsParams.from_settings(settings), parent_factors, user_ids,
-            item_ids, plan, progress)
+            item_ids, plan, progress,
+            spark=settings if settings.factors_engine == "spark" else None)
     with telemetry.timed("evaluate", timings):
+        ranks = factor_ranks(users, items, current.matrix, current.heldout_user,
+                             current.heldout_item)
         metrics = evaluate(users, items, current.matrix, current.heldout_user,
-                           current.heldout_item, settings.eval_k)
+                           current.heldout_item, settings.eval_k, ranks)
         if parent_factors is not None:
             metrics.update(_against_parent(settings, parent_factors, users, items, user_ids,
-                                           item_ids, current))
+                                           item_ids, current, ranks))
     metrics.update(alignment.as_metrics() if alignment else {})
     metrics = versions.clean(metrics)  # as stored: NaN (nothing to align) becomes None
     status = promotion(settings, metrics)
-    stats = _stats(version_id, parent, data, current, plan, timings)
+    stats = _stats(version_id, parent, read, current, plan, timings)
     meta = {"version": version_id, "parent_id": parent["id"] if parent else None,
-            "mode": plan.mode, "snapshot": data.snapshot, "watermark": data.watermark,
+            "mode": plan.mode, "snapshot": pairs.snapshot, "watermark": pairs.watermark,
             "created_at": datetime.now(UTC).isoformat(), "params": params}
     factors = Factors(users, items, user_ids, item_ids, meta)
     with telemetry.timed("write", timings):
         artifact = versions.write_artifact(settings.data_dir, version_id, factors)
+        if status == "promoted":  # the next refresh's parent: it starts from these pairs
+            _save_cache(settings, version_id, parent, pairs, current)
         versions.insert_version(conn, version_id, parent_id=meta["parent_id"],
-                                watermark=data.watermark, params=params, stats=stats,
+                                watermark=pairs.watermark, params=params, stats=stats,
                                 metrics=metrics, artifact=artifact, status=status)
     telemetry.VERSIONS.labels(plan.mode, status).inc()
     telemetry.record_quality(metrics, settings.eval_k)
@@ -207,12 +249,28 @@ def _fit_and_store(conn, settings, params, version_id, parent, parent_factors, d
     return RunResult(status, plan.reason, version_id, plan.mode, stats, metrics)
 
 
+def _save_cache(settings: Settings, version_id: int, parent: dict | None, pairs: Pairs,
+                current: Training) -> None:
+    try:
+        cache.save(settings.data_dir, version_id, pairs, current.state(pairs),
+                   MatrixParams.from_settings(settings).weights,
+                   keep=parent["id"] if parent else None)
+    except OSError as error:  # an optimisation only: the next refresh reads the store
+        log.warning("could not write the pair cache of version %d: %s", version_id, error)
+
+
 def fit_version(matrix, params: als.AlsParams, parent: Factors | None, user_ids, item_ids,
-                plan: Plan, progress: bool = False):
-    """(user factors, item factors, alignment to the parent or None)."""
+                plan: Plan, progress: bool = False, spark: Settings | None = None):
+    """(user factors, item factors, alignment to the parent or None); full fits on Spark
+    when `spark` (the settings naming the cluster) is given."""
     prev_u = (parent.user_ids, parent.user_factors) if parent else (None, None)
     prev_i = (parent.item_ids, parent.item_factors) if parent else (None, None)
-    if plan.mode == "full":
+    if plan.mode == "full" and spark is not None:
+        from services.refresh.factors import spark as spark_engine
+
+        users, items, plan.engine = spark_engine.fit_full(matrix, params, spark.als_alpha,
+                                                          spark)
+    elif plan.mode == "full":
         rng = np.random.default_rng(params.seed)
         users, items = als.fit_full(
             matrix, params, als.grow(*prev_u, user_ids, params.factors, rng),
@@ -235,14 +293,14 @@ def fit_version(matrix, params: als.AlsParams, parent: Factors | None, user_ids,
 
 
 def _against_parent(settings, parent: Factors, users, items, user_ids, item_ids,
-                    current: Training) -> dict:
+                    current: Training, ranks) -> dict:
     k = parent.item_factors.shape[1]  # may differ from the candidate's after a change
     parent_users = als.grow(parent.user_ids, np.asarray(parent.user_factors), user_ids, k, None)
     parent_items = als.grow(parent.item_ids, np.asarray(parent.item_factors), item_ids, k, None)
     known = np.isin(user_ids, parent.user_ids)
     return compare_with_parent((users, items), (parent_users, parent_items), known,
                                current.matrix, current.heldout_user, current.heldout_item,
-                               settings.eval_k)
+                               settings.eval_k, ranks)
 
 
 def promotion(settings: Settings, metrics: dict) -> str:
@@ -255,11 +313,12 @@ def promotion(settings: Settings, metrics: dict) -> str:
     return "rejected" if mine < theirs * (1 - settings.refresh_promote_margin) else "promoted"
 
 
-def _stats(version_id, parent, data: Interactions, current: Training, plan: Plan,
+def _stats(version_id, parent, read: Read, current: Training, plan: Plan,
            timings) -> dict:
-    stats = {**current.stats, "snapshot": data.snapshot, "rows_read": data.n_rows,
-             "rows_new": int(data.is_new.sum()), "mode": plan.mode, "reason": plan.reason,
-             "timings": timings}
+    stats = {**current.stats, "snapshot": read.pairs.snapshot, "read_from": read.source,
+             "rows_read": read.rows_read, "rows_new": read.rows_new,
+             "pairs_folded": read.folded, "mode": plan.mode, "spark": plan.engine,
+             "reason": plan.reason, "timings": timings}
     if plan.mode == "full":
         stats.update(full_id=version_id, full_at=time.time(), versions_since_full=0,
                      drift_since_full=0.0)

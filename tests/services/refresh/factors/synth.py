@@ -101,3 +101,32 @@ def store_events(conn, events: Events, prefix: str = "e", start: int = 0,
     rows = as_interactions(events, prefix, start)
     for offset in range(0, len(rows), batch):
         write_batch(conn, rows[offset:offset + batch], [], "test", {})
+
+
+def pairs_of(events: Events, weights=(1.0, 4.0, 4.0, 8.0), seq_start: int = 0):
+    """The Pairs a full read of a store holding exactly `events` (in this order) gives."""
+    from services.refresh.factors.pairs import from_rows
+    from services.refresh.factors.read import PairRows
+
+    seq = np.arange(seq_start, seq_start + len(events), dtype=np.int64)
+    key = events.user.astype(np.int64) * (1 << 32) + events.item
+    order = np.argsort(key, kind="stable")
+    ordered = key[order]
+    first = np.r_[True, ordered[1:] != ordered[:-1]] if len(ordered) else np.zeros(0, bool)
+    group = np.cumsum(first) - 1
+    sums = np.bincount(group, weights=np.asarray(weights)[events.type[order]],
+                       minlength=int(first.sum())).astype(np.float32)
+    liked = events.type == InteractionType.appreciate
+    rows = PairRows(ordered[first] >> 32, ordered[first] & 0xFFFFFFFF, sums, seq[liked],
+                    events.user[liked].astype(np.int64), events.item[liked].astype(np.int64),
+                    "in-memory", int(seq[-1]) if len(seq) else 0)
+    return from_rows(rows)
+
+
+def new_events(events: Events, seq_start: int):
+    from services.refresh.factors.read import NewEvents
+
+    seq = np.arange(seq_start, seq_start + len(events), dtype=np.int64)
+    return NewEvents(events.user.astype(np.int64), events.item.astype(np.int64),
+                     events.type.astype(np.int8), seq, "in-memory",
+                     int(seq[-1]) if len(seq) else 0)

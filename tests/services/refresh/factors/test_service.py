@@ -230,3 +230,55 @@ def test_changed_factor_count_refits_without_new_events(make_settings, stored_wo
     # The parent (16 factors) is still scored on the same held-out pairs.
     assert result.metrics[f"parent_recall@{K}"] == pytest.approx(first.metrics[f"recall@{K}"])
     assert result.metrics["alignment_error"] is None  # no rotation between 16 and 8 factors
+
+
+def test_incremental_pairs_equal_a_full_read_of_the_store(db_url, make_settings,
+                                                          stored_world):
+    from services.refresh.factors import cache
+    from services.refresh.factors.matrix import MatrixParams
+    from services.refresh.factors.pairs import from_rows
+    from services.refresh.factors.read import read_pairs
+
+    settings = make_settings()
+    first = run_factors_once(settings)
+    assert first.stats["read_from"] == "store"
+    with psycopg.connect(db_url) as conn:
+        store_events(conn, _new_events(stored_world), prefix="n")
+    second = run_factors_once(settings)
+    assert (second.mode, second.stats["read_from"]) == ("incremental", "cache")
+    assert second.stats["rows_read"] == second.stats["rows_new"] == 156
+    weights = MatrixParams.from_settings(settings).weights
+    with psycopg.connect(db_url) as conn:
+        row = factor_version(conn, second.version_id)
+        conn.commit()
+        stored = from_rows(read_pairs(conn, weights))
+    kept = cache.load(settings.data_dir, row, weights).pairs
+    for name in ("user_ids", "item_ids", "latest_item", "latest_seq"):
+        assert np.array_equal(getattr(kept, name), getattr(stored, name)), name
+    assert (kept.sums != stored.sums).nnz == 0
+    # Only the parent's cache and the newest are kept.
+    names = sorted(p.name for p in cache.root(settings.data_dir).iterdir())
+    assert names == [f"pairs-v{first.version_id}", f"pairs-v{second.version_id}"]
+
+
+def test_without_the_parents_cache_the_refresh_reads_the_store_and_refits(
+        db_url, make_settings, stored_world):
+    import shutil
+
+    from services.refresh.factors import cache
+
+    settings = make_settings()
+    first = run_factors_once(settings)
+    shutil.rmtree(cache.root(settings.data_dir) / f"pairs-v{first.version_id}")
+    with psycopg.connect(db_url) as conn:
+        store_events(conn, taste_world(300, 400, 50, seed=6), prefix="c")
+    second = run_factors_once(settings)
+    assert (second.mode, second.reason, second.stats["read_from"]) == (
+        "full", "no pair cache for the parent version", "store")
+    # A cache that is not the parent's (another snapshot) is not used either.
+    with psycopg.connect(db_url) as conn:
+        store_events(conn, taste_world(300, 400, 50, seed=7), prefix="d")
+    meta = cache.root(settings.data_dir) / f"pairs-v{second.version_id}" / "meta.json"
+    meta.write_text(meta.read_text().replace('"snapshot": "', '"snapshot": "9'))
+    third = run_factors_once(settings)
+    assert third.reason == "no pair cache for the parent version"
