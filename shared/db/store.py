@@ -25,6 +25,9 @@ CREATE TEMP TABLE IF NOT EXISTS stage_project_events (
     ord int4, event_id text, project_id int8, type text, owner_id int8, image_uri text,
     ts_ms int8
 ) ON COMMIT DELETE ROWS;
+-- Several batches may share one transaction (ingest isolating a bad record in savepoints).
+DELETE FROM stage_interactions;
+DELETE FROM stage_project_events;
 """
 
 _INSERT_INTERACTIONS = """
