@@ -325,9 +325,10 @@ def json_schema() -> dict:
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "$id": "https://cofeat.invalid/events.schema.json",
         "title": "cofeat events",
-        "description": "Values of cofeat.interactions and cofeat.projects (docs/events.md). "
-                       "Generated from shared/events.py by `python -m shared.events`.",
-        "oneOf": [interaction, project],
+        "description": "Values of cofeat.interactions (#/$defs/InteractionMessage) and "
+                       "cofeat.projects (#/$defs/ProjectMessage), docs/events.md. Generated "
+                       "from shared/events.py by `python -m shared.events`.",
+        "anyOf": [interaction, project],
         "$defs": components,
     }
 

@@ -47,7 +47,9 @@ def require_topics(settings: Settings, names: tuple[str, ...]) -> None:
               f"{type(error).__name__}", file=sys.stderr)
         raise SystemExit(2) from None
     if missing:
-        print(f"cofeat: topic {', '.join(missing)} does not exist on "
-              f"{settings.require_kafka_bootstrap()}: create it (`cofeat dev up` creates "
-              "every topic; see docs/operations.md)", file=sys.stderr)
+        what = (f"topic {missing[0]} does not exist" if len(missing) == 1
+                else f"topics {', '.join(missing)} do not exist")
+        print(f"cofeat: {what} on {settings.require_kafka_bootstrap()}: create "
+              f"{'it' if len(missing) == 1 else 'them'} (`cofeat dev up` creates every topic; "
+              "see docs/operations.md)", file=sys.stderr)
         raise SystemExit(2)
