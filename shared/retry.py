@@ -83,6 +83,16 @@ _MILVUS_PERMANENT = ("ParamError", "DataTypeNotMatchException", "DataNotMatchExc
                      "InvalidConsistencyLevel", "ConnectionConfigException")
 # Server-side codes of Milvus 2.3+ that name a bad request rather than a bad moment.
 _MILVUS_PERMANENT_CODES = {1100}  # ParameterInvalid
+# Milvus 2.3 answers many a bad row with the catch-all code 65535; these messages name the
+# data (a vector of the wrong length, NaN or infinity), not the moment.
+_MILVUS_DATA_MESSAGES = ("should divide the dim", "not a number or infinity",
+                         "exceeds max length", "invalid parameter")
+
+
+def _milvus_data_error(error) -> bool:
+    message = str(getattr(error, "message", "") or error)
+    return error.code in _MILVUS_PERMANENT_CODES or any(
+        fragment in message for fragment in _MILVUS_DATA_MESSAGES)
 
 
 def _milvus(error: BaseException) -> bool | None:
@@ -99,7 +109,7 @@ def _milvus(error: BaseException) -> bool | None:
     if not isinstance(error, MilvusException):
         return None
     permanent = type(error).__name__ in _MILVUS_PERMANENT
-    return not (permanent or error.code in _MILVUS_PERMANENT_CODES)
+    return not (permanent or _milvus_data_error(error))
 
 
 def is_transient(error: BaseException) -> bool:
@@ -149,7 +159,7 @@ def _kafka_blames(error: BaseException) -> bool | None:
     if not isinstance(error, errors.KafkaError):
         return None
     return isinstance(error, errors.MessageSizeTooLargeError | errors.InvalidRecordError
-                      | errors.RecordTooLargeError)
+                      | errors.RecordListTooLargeError)
 
 
 def _milvus_blames(error: BaseException) -> bool | None:
@@ -162,7 +172,7 @@ def _milvus_blames(error: BaseException) -> bool | None:
     name = type(error).__name__
     if name == "ConnectionConfigException":
         return False
-    return name in _MILVUS_PERMANENT or error.code in _MILVUS_PERMANENT_CODES
+    return name in _MILVUS_PERMANENT or _milvus_data_error(error)
 
 
 class SystemicFailure(Permanent):

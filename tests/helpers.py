@@ -190,6 +190,18 @@ def count(db_url: str, sql: str) -> int:
         return conn.execute(sql).fetchone()[0]
 
 
+def probe(port: int, path: str) -> tuple[int, str]:
+    """GET http://127.0.0.1:<port><path>: (status, body), errors included."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as reply:
+            return reply.status, reply.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
 def wait_until(predicate, timeout_s: float, what: str) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

@@ -318,9 +318,9 @@ class Consumer:
         try:
             stored = self.offsets.load(wanted)
         except Exception as error:  # noqa: BLE001 - a callback must never raise
-            delay = self.offsets_outage.failed(error)
-            log.info("stored offsets of %s unavailable; those partitions wait, next try in "
-                     "%.1f s", names(wanted), delay)
+            if not self.offsets_outage.failures:
+                log.info("%s wait, paused, for their stored offsets", names(wanted))
+            self.offsets_outage.failed(error)
             return
         self.offsets_outage.recovered()
         for tp in wanted:
