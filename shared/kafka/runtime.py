@@ -186,38 +186,44 @@ class Consumer:
         return batch
 
     def _undecodable(self, error: Exception) -> Batch | dict:
-        """kafka-python raised from poll(). When that is one record it cannot decode (a
-        corrupt batch, a header key that is not UTF-8), it left the partition's position on
-        that record: step past exactly it and reject it with its coordinates."""
-        tp, offset = self._failing_record(error)
+        """kafka-python raised from poll(). When it failed unpacking records (a corrupt
+        batch, a header key that is not UTF-8), it left the partition's position on the
+        first record it could not return: step past exactly that one and reject it with its
+        coordinates. kafka-python decodes a record batch from its start, so a record that
+        shares a batch with an undecodable one and comes after it cannot be read either: it
+        is rejected the same way on the next poll, one record at a time."""
+        tp, offset, behind = self._failing_record(error)
         if tp is None:
             self.poll_failure.failed(error)
             return {}
-        log.warning("%s[%d]@%d cannot be decoded by the client, stepping past it: %s",
-                    tp.topic, tp.partition, offset, retry.describe(error))
+        where = "in a record batch the client cannot decode" if behind else "undecodable"
+        log.warning("%s[%d]@%d is %s, stepping past it: %s", tp.topic, tp.partition, offset,
+                    where, retry.describe(error))
         self.consumer.seek(tp, offset + 1)
         batch = Batch(self.generation)
-        batch.rejected.append(Rejected(tp.topic, tp.partition, offset, None, None, [],
-                                       f"corrupt_record: {retry.describe(error)}"))
+        reason = (f"corrupt_record: {where}: " if behind else "corrupt_record: ") + \
+            retry.describe(error)
+        batch.rejected.append(Rejected(tp.topic, tp.partition, offset, None, None, [], reason))
         batch.first_offsets[tp], batch.next_offsets[tp] = offset, offset + 1
         return batch
 
-    def _failing_record(self, error: Exception) -> tuple[TopicPartition | None, int]:
+    def _failing_record(self, error: Exception) -> tuple[TopicPartition | None, int, bool]:
+        """(partition, the offset it stands on, whether the failure was in a record before
+        that one), or (None, -1, False) when the error was no record's."""
         # kafka-python 3.0 keeps the records it was unpacking as _next_partition_records;
         # tests/shared/kafka/test_runtime.py pins this against a real broker. Only an
         # error raised while unpacking records counts: skipping a good record for a
         # network error would lose it.
         if not _raised_unpacking(error):
-            return None, -1
+            return None, -1, False
         part = getattr(getattr(self.consumer, "_fetcher", None), "_next_partition_records",
                        None)
         tp = getattr(part, "topic_partition", None)
         if tp is None or tp not in self.consumer.assignment():
-            return None, -1
+            return None, -1, False
         position = self.consumer.position(tp)
-        if position != getattr(part, "next_fetch_offset", None):
-            return None, -1
-        return tp, position
+        unpacked_to = getattr(part, "next_fetch_offset", position)
+        return tp, position, unpacked_to < position
 
     def done(self, batch: Batch, outcome_of_rejected: str = "dead_lettered") -> None:
         """The owner stored `batch` (and its offsets): count each record's outcome, and
@@ -291,13 +297,13 @@ class Consumer:
 
     def revoked(self, partitions: list[TopicPartition]) -> None:
         self.generation += 1
-        REBALANCES.labels(self.group, "revoked").inc()
         health.problem(JOINING, "rebalancing")
         deadline = time.monotonic() + self.settings.kafka_rebalance_timeout_s
         for hook in self.revoke_hooks:
             hook(deadline)
         self.unpositioned -= set(partitions)
-        if partitions:
+        if partitions:  # kafka-python calls this before every join, the first included
+            REBALANCES.labels(self.group, "revoked").inc()
             log.info("revoked %s", names(partitions))
 
     def assigned(self, partitions: list[TopicPartition]) -> None:
