@@ -365,6 +365,9 @@ class Consumer:
             self.consumer.close(autocommit=False)
         finally:
             self.offsets.close()
+            # No loop of ours to watch any more (an embedder back to standby, say).
+            health.last_beat = None
+            health.clear(JOINING)
 
 
 class _Listener(ConsumerRebalanceListener):
