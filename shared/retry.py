@@ -136,9 +136,9 @@ def blames_input(error: BaseException) -> bool:
         verdict = judge(error)
         if verdict is not None:
             return verdict
-    # Plain Python errors on values (formatting, encoding, conversions); not AttributeError
-    # or NameError, which are bugs whatever the data.
-    return isinstance(error, ValueError | TypeError | ArithmeticError | LookupError)
+    # Plain Python errors on values (formatting, encoding, conversions); not AttributeError,
+    # KeyError or NameError, which are bugs whatever the data.
+    return isinstance(error, ValueError | TypeError | ArithmeticError)
 
 
 def _psycopg_blames(error: BaseException) -> bool | None:

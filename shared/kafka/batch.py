@@ -47,6 +47,7 @@ class Batch:
     rejected: list[Rejected] = field(default_factory=list)
     first_offsets: dict[TopicPartition, int] = field(default_factory=dict)
     next_offsets: dict[TopicPartition, int] = field(default_factory=dict)
+    dead_lettered: int = 0  # rejected records already published, for a store that retries
 
     def __len__(self) -> int:
         return sum(map(len, self.events.values())) + len(self.rejected)

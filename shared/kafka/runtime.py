@@ -103,6 +103,46 @@ def bounded(timeout_s: float) -> dict:
             "keepalives_interval": 1, "keepalives_count": 3, "tcp_user_timeout": ms}
 
 
+class Placement:
+    """Where assigned partitions start: the offsets stored with the data. One bounded try
+    per call (it runs in rebalance callbacks); partitions it cannot place yet stay in
+    `waiting`, paused by the consumer, until a later try succeeds."""
+
+    def __init__(self, consumer: KafkaConsumer, offsets: StoredOffsets, retry_max_s: float):
+        self.consumer, self.offsets = consumer, offsets
+        self.waiting: set[TopicPartition] = set()
+        self.outage = retry.Outage("database (stored offsets)", retry_max_s, log=log)
+
+    def place(self, partitions: Iterable[TopicPartition]) -> None:
+        self.waiting |= set(partitions)
+        self.retry()
+
+    def due(self) -> bool:
+        return bool(self.waiting) and self.outage.ready()
+
+    def retry(self) -> None:
+        wanted = sorted(self.waiting)
+        if not wanted:
+            return
+        try:
+            stored = self.offsets.load(wanted)
+        except Exception as error:  # noqa: BLE001 - a rebalance callback must never raise
+            if not self.outage.failures:
+                log.info("%s wait, paused, for their stored offsets", names(wanted))
+            self.outage.failed(error)
+            return
+        self.outage.recovered()
+        for tp in wanted:
+            if tp in stored:
+                self.consumer.seek(tp, stored[tp])
+            else:
+                self.consumer.seek_to_beginning(tp)
+        self.waiting.clear()
+
+    def forget(self, partitions: Iterable[TopicPartition]) -> None:
+        self.waiting -= set(partitions)
+
+
 class Consumer:
     """One group member over `decoders` ({topic: Decode}); see the module docstring."""
 
@@ -111,7 +151,6 @@ class Consumer:
                  check_future: bool = True):
         self.settings, self.group = settings, group
         self.decoders = dict(decoders)
-        self.offsets = offsets
         self.max_records = max_records
         self.skew_ms = (int(settings.max_future_skew.total_seconds() * 1000) if check_future
                         else None)
@@ -121,9 +160,8 @@ class Consumer:
         self.generation = 0  # bumped by every revocation: older batches are void
         self.joined = False  # assigned at least once (possibly nothing)
         self.held = False  # the owner paused everything
-        self.unpositioned: set[TopicPartition] = set()  # assigned, offsets not loaded yet
+        self.placement = Placement(self.consumer, offsets, retry_max_s)
         self.revoke_hooks: list[Callable[[float], None]] = []
-        self.offsets_outage = retry.Outage("database (stored offsets)", retry_max_s, log=log)
         self.poll_failure = retry.Outage("kafka (poll)", 5.0, log=log)
         self.polling = False
         health.stall_s = settings.kafka_max_poll_interval_ms / 1000
@@ -138,7 +176,7 @@ class Consumer:
     def poll(self, timeout_ms: int) -> Batch:
         """The next batch (empty when nothing came, or while held). Never raises for a
         record."""
-        self._position_pending()
+        self._place_waiting()
         records = self._poll(timeout_ms)
         if isinstance(records, Batch):
             return records
@@ -257,7 +295,7 @@ class Consumer:
 
     def _pause_state(self) -> None:
         assigned = self.consumer.assignment()
-        paused = assigned if self.held else (assigned & self.unpositioned)
+        paused = assigned if self.held else (assigned & self.placement.waiting)
         if paused:
             self.consumer.pause(*paused)
         if assigned - paused:
@@ -275,7 +313,7 @@ class Consumer:
         deadline = time.monotonic() + seconds
         try:
             while not stopping() and (left := deadline - time.monotonic()) > 0:
-                self._position_pending()
+                self._place_waiting()
                 records = self._poll(int(min(left, 1.0) * 1000) + 1)
                 self._rewind(records)
         finally:
@@ -301,7 +339,7 @@ class Consumer:
         deadline = time.monotonic() + self.settings.kafka_rebalance_timeout_s
         for hook in self.revoke_hooks:
             hook(deadline)
-        self.unpositioned -= set(partitions)
+        self.placement.forget(partitions)
         if partitions:  # kafka-python calls this before every join, the first included
             REBALANCES.labels(self.group, "revoked").inc()
             log.info("revoked %s", names(partitions))
@@ -309,41 +347,19 @@ class Consumer:
     def assigned(self, partitions: list[TopicPartition]) -> None:
         self.joined = True
         REBALANCES.labels(self.group, "assigned").inc()
-        self.unpositioned |= set(partitions)
-        self._position(partitions)
+        self.placement.place(partitions)
         self._pause_state()
+        self._ready_if_placed()
         log.info("assigned %s", names(partitions) or "nothing")
 
-    def _position(self, partitions: Iterable[TopicPartition]) -> None:
-        """Seek to the stored offsets: one bounded attempt; those it cannot place stay
-        paused in `unpositioned` for the main loop to try again."""
-        wanted = [tp for tp in partitions if tp in self.unpositioned]
-        if not wanted:
-            self._ready_if_positioned()
-            return
-        try:
-            stored = self.offsets.load(wanted)
-        except Exception as error:  # noqa: BLE001 - a callback must never raise
-            if not self.offsets_outage.failures:
-                log.info("%s wait, paused, for their stored offsets", names(wanted))
-            self.offsets_outage.failed(error)
-            return
-        self.offsets_outage.recovered()
-        for tp in wanted:
-            if tp in stored:
-                self.consumer.seek(tp, stored[tp])
-            else:
-                self.consumer.seek_to_beginning(tp)
-        self.unpositioned -= set(wanted)
-        self._ready_if_positioned()
-
-    def _position_pending(self) -> None:
-        if self.unpositioned and self.offsets_outage.ready():
-            self._position(list(self.unpositioned))
+    def _place_waiting(self) -> None:
+        if self.placement.due():
+            self.placement.retry()
             self._pause_state()
+            self._ready_if_placed()
 
-    def _ready_if_positioned(self) -> None:
-        if self.joined and not self.unpositioned:
+    def _ready_if_placed(self) -> None:
+        if self.joined and not self.placement.waiting:
             health.clear(JOINING)
 
     # -- where it stands -----------------------------------------------------------------
@@ -351,7 +367,7 @@ class Consumer:
     def caught_up(self) -> bool:
         """Joined, placed, and every assigned partition read to its high watermark (joined
         with no partitions counts: more members than partitions)."""
-        return (self.joined and not self.unpositioned
+        return (self.joined and not self.placement.waiting
                 and positions.caught_up(self.consumer))
 
     def rewind_truncated(self) -> None:
@@ -364,7 +380,7 @@ class Consumer:
         try:
             self.consumer.close(autocommit=False)
         finally:
-            self.offsets.close()
+            self.placement.offsets.close()
             # No loop of ours to watch any more (an embedder back to standby, say).
             health.last_beat = None
             health.clear(JOINING)
