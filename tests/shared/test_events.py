@@ -117,6 +117,11 @@ def test_valid_values_and_the_key():
     # Without a clock, no future check (tests and the simulator's files).
     assert events.parse_interaction(interaction(ts=NOW + 3_600_000)).ts_ms == NOW + 3_600_000
     assert events.project_record(b"2", project(), LATEST).image_uri == "/images/2.png"
+    # Huge but valid: the unknown field is skipped, the event stored.
+    blob = interaction()[:-1] + b', "blob": "' + b"x" * 5_000_000 + b'"}'
+    assert events.parse_interaction(blob, LATEST).event_id == "e1"
+    # Duplicate keys: the last one counts, as in every JSON parser the platform may use.
+    assert events.parse_interaction(interaction()[:-1] + b', "user_id": 9}').user_id == 9
     for key in (None, b"01", b"2 ", b"-1", b"\xff", b"1" * 100_000):
         with pytest.raises(events.InvalidEvent, match="bad_key"):
             events.interaction_record(key, interaction(user_id=2), LATEST)
