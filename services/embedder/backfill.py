@@ -27,6 +27,7 @@ from services.embedder.encode import Encoder, Item, Result
 from shared import milvus as contract
 from shared.events import ProjectEvent
 from shared.factors import factor_version, load_factors
+from shared.retry import describe
 from shared.settings import Settings
 
 log = logging.getLogger("cofeat.embed")
@@ -227,9 +228,25 @@ class Backfill:
         metrics.IMAGES.labels("backfill").inc(len(items))
         # Upserts even into a fresh collection: a call that timed out may still have been
         # applied, and Milvus does not deduplicate inserted primary keys.
-        mv.upsert(self.milvus, [self.projects], result.rows, self.settings.embed_insert_rows)
+        refused = mv.upsert(self.milvus, [self.projects], result.rows,
+                            self.settings.embed_insert_rows)
+        if refused:
+            # Refused for their data: parked, so the count check leaves them out.
+            self.park([(item, f"milvus refused: {describe(error)}")
+                       for item in items for row, error in refused
+                       if row["project_id"] == item.project_id])
+            ids = {row["project_id"] for row, _ in refused}
+            result.rows = [r for r in result.rows if r["project_id"] not in ids]
         self.record(items, result.rows)
         metrics.BACKFILL_ROWS.set(len(self.states))
+
+    def park(self, failed: list[tuple[Item, str]]) -> None:
+        db = self.db()
+        with db.transaction(), db.cursor() as cur:
+            failures.record(cur, failed)
+            attempts = failures.park(cur, [item.project_id for item, _ in failed],
+                                     self.settings.embed_max_attempts)
+        log_failures(failed, attempts, self.settings.embed_max_attempts)
 
     def note(self, items: list[Item], rows: list[dict], deleted: dict[int, int]) -> None:
         """The stream wrote `rows` (of `items`) and deleted these ({project_id: event ts})

@@ -151,3 +151,15 @@ def changed_since(conn: psycopg.Connection, seq: int) -> set[int]:
         rows = conn.execute("SELECT DISTINCT project_id FROM project_events WHERE seq > %s",
                             (seq,)).fetchall()
     return {row[0] for row in rows}
+
+
+def park(cur: psycopg.Cursor, project_ids: Iterable[int], max_attempts: int) -> dict[int, int]:
+    """Park recorded failures now (Milvus refused their rows: the same call fails again);
+    returns {project_id: attempts}."""
+    project_ids = list(project_ids)
+    if not project_ids:
+        return {}
+    cur.execute("UPDATE embed_failures SET attempts = greatest(attempts, %s) "
+                "WHERE project_id = ANY(%s) RETURNING project_id, attempts",
+                (max_attempts, project_ids))
+    return dict(cur.fetchall())

@@ -31,10 +31,10 @@ from services.embedder.backfill import (
 from services.embedder.encode import Encoder, Item
 from services.embedder.stream import Polled, Recent, Stream, latest_per_project
 from shared import milvus as contract
+from shared import retry
 from shared.cnn import cnn_version, current_cnn_version
 from shared.db.connect import connect
 from shared.db.locks import SessionLock
-from shared.db.store import load_offsets
 from shared.events import ProjectEvent
 from shared.images import ImageReader
 from shared.logs import bind
@@ -53,8 +53,9 @@ class Embedder:
         self.failed = False
         self.lock = lock  # None: no leader election (tests of the loop alone)
         self.lost = False  # the leader lock is gone: another replica may be writing
-        self.milvus = mv.Milvus(settings, self.halted)
-        self.db_outage = mv.Outage("database", settings.embed_retry_max_s)
+        self.milvus = mv.Milvus(settings, self.halted, self.wait)
+        self.db_outage = retry.Outage("database", settings.embed_retry_max_s, base_s=0.1,
+                                      log=log)
         self.conn: psycopg.Connection | None = None
         self.stream: Stream | None = None
         self.encoders: dict[int, Encoder] = {}
@@ -73,6 +74,7 @@ class Embedder:
         self.recent = Recent(settings.embed_recent_window_s)
         self.next_model_check = self.next_retry = 0.0
         self.recoveries_seen = 0
+        self.refused: set[int] = set()  # project ids Milvus refused for their data: parked
         self.meter = Meter()
 
     # -- database ------------------------------------------------------------------------
@@ -98,15 +100,15 @@ class Embedder:
             with contextlib.suppress(psycopg.Error):
                 self.conn.close()
         self.conn = None
-        if mv.sleep_unless(self.halted, self.db_outage.failed(error)):
+        if self.wait(self.db_outage.failed(error)):
             raise mv.Stopped
 
-    def load_offsets(self, wanted: list[tuple[str, int]]) -> dict | None:
-        try:
-            return self.with_db(lambda conn: load_offsets(conn, self.settings.embed_group,
-                                                          wanted))
-        except mv.Stopped:
-            return None
+    def wait(self, seconds: float) -> bool:
+        """A retry's wait; True if halted meanwhile. Once the stream runs, waiting polls it
+        with the partitions paused, so an outage does not cost the group membership."""
+        if self.stream is not None:
+            return self.stream.idle(seconds, self.halted)
+        return mv.sleep_unless(self.halted, seconds)
 
     # -- models and collections ----------------------------------------------------------
 
@@ -230,13 +232,21 @@ class Embedder:
     # -- writing -------------------------------------------------------------------------
 
     def upsert_items(self, items: list[Item], phase: str) -> list[tuple[Item, str]]:
-        """Embed with every writer's model and upsert; returns the failed items."""
+        """Embed with every writer's model and upsert; returns the failed items (those Milvus
+        refused are in `self.refused` too: they are parked at once, not retried)."""
         failed: dict[int, tuple[Item, str]] = {}
         for encoder, names, is_backfill, states in self.writers():
             todo = unwritten(items, states)
             metrics.ALREADY_WRITTEN.inc(len(items) - len(todo))
             result = encoder.embed(todo)
-            mv.upsert(self.milvus, names, result.rows, self.settings.embed_insert_rows)
+            refused = mv.upsert(self.milvus, names, result.rows,
+                                self.settings.embed_insert_rows)
+            by_id = {item.project_id: item for item in todo}
+            for row, error in refused:
+                failed[row["project_id"]] = (by_id[row["project_id"]],
+                                             f"milvus refused: {retry.describe(error)}")
+                self.refused.add(row["project_id"])
+            result.rows = [r for r in result.rows if r["project_id"] not in failed]
             failed.update({item.project_id: (item, why) for item, why in result.failed})
             if is_backfill:
                 self.backfill.note(todo, result.rows, {})
@@ -264,16 +274,21 @@ class Embedder:
         self.delete_ids(deleted)
         failed_ids = {item.project_id for item, _ in failed}
         done = [e.project_id for e in events if e.project_id not in failed_ids]
-        attempts = self.with_db(lambda conn: commit(conn, self.settings.embed_group,
-                                                    polled.next_offsets, failed, done))
+        attempts = self.with_db(lambda conn: commit(conn, self.settings, polled.next_offsets,
+                                                    failed, done, self.take_refused()))
         if failed:
             log_failures(failed, attempts, self.settings.embed_max_attempts)
+        self.stream.done(polled)
         self.recent.add(events)
         observe(events, failed_ids, polled.produced_ms, self.searchable_since_ms)
 
+    def take_refused(self) -> list[int]:
+        refused, self.refused = sorted(self.refused), set()
+        return refused
+
     def stream_step(self) -> None:
         if self.stream is None:
-            self.stream = Stream(self.settings, self.load_offsets)
+            self.stream = Stream(self.settings)
         timeout = self.settings.embed_poll_timeout_ms
         if self.backfill is not None and self.stream.joined:
             # Backfill steps wait, but a fetch the broker held through a step comes back
@@ -303,8 +318,8 @@ class Embedder:
         failed = self.upsert_items(items, "retry")
         failed_ids = {item.project_id for item, _ in failed}
         done = [i.project_id for i in items if i.project_id not in failed_ids]
-        attempts = self.with_db(lambda conn: commit(conn, self.settings.embed_group, {},
-                                                    failed, done))
+        attempts = self.with_db(lambda conn: commit(conn, self.settings, {}, failed, done,
+                                                    self.take_refused()))
         log_failures(failed, attempts, self.settings.embed_max_attempts)
         if done:
             log.info("retried %d projects successfully", len(done))
@@ -412,12 +427,16 @@ def timed(part: Callable[[], object], slow_s: float = 5.0) -> None:
                     time.monotonic() - started)
 
 
-def commit(conn: psycopg.Connection, group: str, next_offsets: dict,
-           failed: list[tuple[Item, str]], done: list[int]) -> dict[int, int]:
+def commit(conn: psycopg.Connection, settings: Settings, next_offsets: dict,
+           failed: list[tuple[Item, str]], done: list[int],
+           refused: list[int] = ()) -> dict[int, int]:
+    """Failures (those Milvus refused parked at once: retrying cannot help), successes and
+    the offsets after them, in one transaction."""
     with conn.transaction(), conn.cursor() as cur:
         attempts = failures.record(cur, failed)
+        attempts.update(failures.park(cur, refused, settings.embed_max_attempts))
         failures.clear(cur, done)
-        failures.store_offsets(cur, group, next_offsets)
+        failures.store_offsets(cur, settings.embed_group, next_offsets)
     return attempts
 
 

@@ -1,8 +1,9 @@
-"""The projects stream: the embedder's own consumer group, offsets kept in Postgres.
+"""The projects stream: the embedder's own consumer group on the consumer runtime
+(shared/kafka/runtime.py), offsets kept in Postgres.
 
 Offsets are stored only after Milvus acknowledged the batch they cover, so a crash or an
 outage replays events instead of losing them; replays are harmless (upserts and deletes
-by primary key). Invalid events are only counted: ingest already dead-letters them.
+by primary key). Invalid events are counted and skipped: ingest dead-letters them.
 """
 
 from __future__ import annotations
@@ -13,14 +14,11 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from kafka import KafkaConsumer, TopicPartition
-from kafka.consumer.subscription_state import ConsumerRebalanceListener
-
 from services.embedder import metrics
-from shared import topics
-from shared.events import InvalidEvent, ProjectEvent, parse_project
-from shared.kafka import positions
-from shared.kafka.config import consumer_config
+from shared import events, topics
+from shared.events import ProjectEvent
+from shared.kafka.batch import Batch
+from shared.kafka.runtime import Consumer, StoredOffsets
 from shared.settings import Settings
 
 log = logging.getLogger("cofeat.embed")
@@ -32,83 +30,60 @@ class Polled:
     invalid: int = 0
     next_offsets: dict[tuple[str, int], int] = field(default_factory=dict)
     produced_ms: dict[str, int] = field(default_factory=dict)  # event_id -> Kafka timestamp
+    batch: Batch | None = None
 
 
-class _SeekToStored(ConsumerRebalanceListener):
-    def __init__(self, stream: Stream):
-        self.stream = stream
-
-    def on_partitions_revoked(self, revoked) -> None:
-        pass  # nothing acknowledged is pending: offsets are stored with each batch
-
-    def on_partitions_assigned(self, assigned) -> None:
-        self.stream.seek_to_stored(list(assigned))
+def parse(record, latest_ms: int | None = None) -> ProjectEvent:
+    """The same contract ingest enforces, future check included, so both skip alike."""
+    return events.project_record(record.key, record.value, latest_ms)
 
 
 class Stream:
-    def __init__(self, settings: Settings,
-                 load_offsets: Callable[[list[tuple[str, int]]], dict | None]):
+    def __init__(self, settings: Settings):
         self.settings = settings
         self.topic = topics.projects(settings.topic_prefix)
-        self.load_offsets = load_offsets
-        self.joined = False
-        self.consumer = KafkaConsumer(**consumer_config(
-            settings, settings.embed_group, max_poll_records=settings.embed_max_records))
-        self.consumer.subscribe([self.topic], listener=_SeekToStored(self))
+        self.runtime = Consumer(settings, settings.embed_group, {self.topic: parse},
+                                StoredOffsets(settings, settings.embed_group),
+                                settings.embed_max_records,
+                                retry_max_s=settings.embed_retry_max_s)
+        self.runtime.subscribe()
 
-    def seek_to_stored(self, assigned: list[TopicPartition]) -> None:
-        stored = self.load_offsets([(tp.topic, tp.partition) for tp in assigned])
-        if stored is None:
-            return  # stopping
-        for tp in assigned:
-            offset = stored.get((tp.topic, tp.partition))
-            if offset is None:
-                self.consumer.seek_to_beginning(tp)
-            else:
-                self.consumer.seek(tp, offset)
-        self.joined = True
-        log.info("assigned %s", ", ".join(f"{t.topic}[{t.partition}]" for t in assigned))
+    @property
+    def joined(self) -> bool:
+        return self.runtime.joined
 
     def poll(self, timeout_ms: int) -> Polled:
-        records = self.consumer.poll(timeout_ms=timeout_ms,
-                                     max_records=self.settings.embed_max_records)
-        polled = Polled()
-        for tp, batch in records.items():
-            for record in batch:
-                try:
-                    event = parse(record)
-                except InvalidEvent:
-                    polled.invalid += 1
-                    continue
-                polled.events.append(event)
-                # The broker-side time the event was produced: freshness is measured from
-                # it, not from the event's own ts (which may be simulated or skewed).
-                polled.produced_ms[event.event_id] = record.timestamp
-            if batch:
-                polled.next_offsets[(tp.topic, tp.partition)] = batch[-1].offset + 1
+        batch = self.runtime.poll(timeout_ms)
+        polled = Polled(batch=batch, invalid=len(batch.rejected), next_offsets=batch.offsets)
+        polled.events = batch.of(self.topic)
+        # The broker-side time the event was produced: freshness is measured from it, not
+        # from the event's own ts (which may be simulated or skewed).
+        polled.produced_ms = {event.event_id: record.timestamp for event, record
+                              in zip(polled.events, batch.sources.get(self.topic, []),
+                                     strict=True)}
         if polled.invalid:
             metrics.EVENTS.labels("invalid").inc(polled.invalid)
         return polled
 
+    def done(self, polled: Polled) -> None:
+        """`polled` is written and its offsets stored: count each record's outcome."""
+        if polled.batch is not None:
+            self.runtime.done(polled.batch, outcome_of_rejected="skipped")
+
+    def idle(self, seconds: float, stopping: Callable[[], bool]) -> bool:
+        return self.runtime.idle(seconds, stopping)
+
     def caught_up(self) -> bool:
-        return (self.joined and bool(self.consumer.assignment())
-                and positions.caught_up(self.consumer))
+        return bool(self.runtime.consumer.assignment()) and self.runtime.caught_up()
 
     def rewind_truncated(self) -> None:
-        positions.rewind_truncated(self.consumer)
+        self.runtime.rewind_truncated()
 
     def report_lag(self) -> None:
-        positions.report_lag(self.consumer, metrics.LAG)
+        self.runtime.report_lag(metrics.LAG)
 
     def close(self) -> None:
-        self.consumer.close(autocommit=False)
-
-
-def parse(record) -> ProjectEvent:
-    event = parse_project(record.value)
-    if record.key != str(event.project_id).encode():
-        raise InvalidEvent("bad_key", "key must be the id as decimal text")
-    return event
+        self.runtime.close()
 
 
 def latest_per_project(events: Iterable[ProjectEvent],
