@@ -1,14 +1,20 @@
-"""Ingest throughput: preload N events, run `cofeat ingest --drain`, report events/s.
+"""Ingest throughput: preload N events, run `cofeat ingest --drain`, report events/s, and
+in the same run the bare kafka-python consumer on the same topic, and their ratio.
+
+Both are timed as whole processes, start and group join included (Tansu holds a join for
+about half the session timeout, 6 s here). `--rounds` alternates them, so a busy machine
+slows both alike; the ratio is the figure to compare between machines.
 
 Uses the configured servers (COFEAT_* or the running `cofeat dev up` stack) but a fresh
 database and its own topic prefix, both removed afterwards.
 
-    python -m benchmarks.ingest [--events 1000000] [--consumers 1]
+    python -m benchmarks.ingest [--events 1000000] [--consumers 1] [--rounds 1]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing
 import os
 import resource
@@ -61,6 +67,8 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=1_000_000)
     parser.add_argument("--consumers", type=int, default=1)
     parser.add_argument("--partitions", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="bare consumer and ingest alternately, this many times each")
     args = parser.parse_args()
 
     base = load_settings()
@@ -78,18 +86,43 @@ def main() -> None:
         print(f"machine: {describe()}")
         rate = preload(settings, args.events)
         print(f"preloaded {args.events:,} events at {rate:,.0f} events/s")
-        report(settings, args)
+        for round_ in range(args.rounds):
+            bare = bare_consumer(settings, round_)
+            ingest = report(settings, args, round_)
+            print(f"round {round_ + 1}: ingest {ingest:,.0f} events/s, bare kafka-python "
+                  f"consumer {bare:,.0f} records/s: ratio {ingest / bare:.2f}; "
+                  f"load average {os.getloadavg()[0]:.1f}")
     finally:
         with psycopg.connect(admin_url, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
 
 
-def report(settings, args) -> None:
-    env = {**os.environ, "COFEAT_DATABASE_URL": settings.database_url.get_secret_value(),
-           "COFEAT_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
-           "COFEAT_TOPIC_PREFIX": settings.topic_prefix, "COFEAT_LOG_FORMAT": "text",
-           "COFEAT_KAFKA_SESSION_TIMEOUT_MS": "6000",
-           "COFEAT_KAFKA_HEARTBEAT_INTERVAL_MS": "2000"}
+def environment(settings, group: str) -> dict[str, str]:
+    return {**os.environ, "COFEAT_DATABASE_URL": settings.database_url.get_secret_value(),
+            "COFEAT_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
+            "COFEAT_TOPIC_PREFIX": settings.topic_prefix, "COFEAT_LOG_FORMAT": "text",
+            "COFEAT_INGEST_GROUP": group, "COFEAT_KAFKA_SESSION_TIMEOUT_MS": "6000",
+            "COFEAT_KAFKA_HEARTBEAT_INTERVAL_MS": "2000"}
+
+
+def bare_consumer(settings, round_: int) -> float:
+    """Records/s of the bare kafka-python consumer, timed as a whole process."""
+    started = time.perf_counter()
+    out = subprocess.run([sys.executable, "-m", "benchmarks.bare_consumer"], check=True,
+                         env=environment(settings, f"bench-bare-{round_}"),
+                         capture_output=True, text=True).stdout
+    wall = time.perf_counter() - started
+    result = json.loads(out)
+    print(f"bare kafka-python consumer: {result['records']:,} records in {wall:.1f} s, "
+          f"{result['cpu_s']:.1f} CPU-s: {result['records'] / wall:,.0f} records/s")
+    return result["records"] / wall
+
+
+def report(settings, args, round_: int = 0) -> float:
+    """events/s of `cofeat ingest --drain` into an empty store, timed as whole processes."""
+    with psycopg.connect(conninfo(settings.database_url.get_secret_value())) as conn:
+        conn.execute("TRUNCATE interactions, consumer_offsets")
+    env = environment(settings, f"bench-ingest-{round_}")
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     procs = [subprocess.Popen([sys.executable, "-m", "services", "ingest", "--drain"], env=env,
@@ -104,6 +137,7 @@ def report(settings, args) -> None:
     print(f"stored {rows:,} rows in {wall:.1f} s (including ~3 s group join): "
           f"{rows / wall:,.0f} events/s, Postgres {rows / wall:,.0f} rows/s")
     print(f"ingest CPU: {cpu:.1f} s = {cpu / (rows / 1e6):.1f} CPU-s per million events")
+    return rows / wall
 
 
 if __name__ == "__main__":

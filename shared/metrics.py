@@ -1,9 +1,15 @@
-"""Prometheus metrics: one HTTP endpoint per process (`/metrics`, plus `/healthz`)."""
+"""Prometheus metrics and health: one HTTP endpoint per process.
+
+`/healthz` says whether the process is alive: its main loop keeps turning (a stalled loop
+is worth a restart, an outage is not). `/readyz` says whether it can do its job now: 503
+with the reasons while a dependency is down or the service is still starting.
+"""
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CONTENT_TYPE_LATEST, Gauge, generate_latest
@@ -17,14 +23,48 @@ MODEL_VERSION = Gauge("cofeat_model_version", "Id of the promoted / loaded versi
 
 
 class Health:
-    """What `/healthz` answers: ok until a service marks itself unhealthy."""
+    """Liveness (`beat` from the main loop) and readiness (named problems; none: ready)."""
 
     def __init__(self) -> None:
-        self.ok = True
-        self.detail = "ok"
+        self.problems: dict[str, str] = {}
+        self.lock = threading.Lock()
+        self.last_beat: float | None = None  # None: this process has no loop that beats
+        self.stall_s = 300.0
+
+    def problem(self, name: str, detail: str) -> None:
+        with self.lock:
+            self.problems[name] = detail
+
+    def clear(self, name: str) -> None:
+        with self.lock:
+            self.problems.pop(name, None)
 
     def set(self, ok: bool, detail: str) -> None:
-        self.ok, self.detail = ok, detail
+        """The service's own readiness, as one problem among the others."""
+        if ok:
+            self.clear("service")
+        else:
+            self.problem("service", detail)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    @property
+    def detail(self) -> str:
+        with self.lock:
+            return "; ".join(self.problems.values()) or "ok"
+
+    def beat(self) -> None:
+        self.last_beat = time.monotonic()
+
+    def alive(self) -> tuple[bool, str]:
+        if self.last_beat is None:
+            return True, "alive"
+        quiet = time.monotonic() - self.last_beat
+        if quiet > self.stall_s:
+            return False, f"stalled: the main loop has not turned for {quiet:.0f} s"
+        return True, "alive"
 
 
 health = Health()
@@ -35,6 +75,9 @@ class _Handler(BaseHTTPRequestHandler):
         if self.path.startswith("/metrics"):
             self._reply(200, generate_latest(), CONTENT_TYPE_LATEST)
         elif self.path.startswith("/healthz"):
+            alive, detail = health.alive()
+            self._reply(200 if alive else 503, detail.encode(), "text/plain")
+        elif self.path.startswith("/readyz"):
             self._reply(200 if health.ok else 503, health.detail.encode(), "text/plain")
         else:
             self._reply(404, b"not found", "text/plain")

@@ -10,6 +10,7 @@ import json
 import os
 import re
 import sys
+from datetime import timedelta
 from pathlib import Path
 from typing import Literal
 
@@ -77,6 +78,21 @@ class Settings(BaseSettings):
     ingest_max_records: int = Field(5000, ge=1)
     ingest_poll_timeout_ms: int = Field(500, ge=1)
     ingest_retry_max_s: float = Field(30.0, gt=0)
+
+    # The consumer runtime (shared/kafka/) that ingest and the embedder's stream share.
+    kafka_max_poll_interval_ms: int = Field(
+        300_000, ge=1000, description="a consumer that does not poll for this long leaves "
+        "its group (and /healthz says it stalled); outages never stop the polling")
+    kafka_rebalance_timeout_s: float = Field(
+        10.0, gt=0, description="the most a rebalance callback waits: for the batch being "
+        "stored, or for the stored offsets")
+    max_future_skew: timedelta = Field(
+        timedelta(minutes=5), ge=timedelta(0), description="events whose ts is further "
+        "ahead of the consumer's clock are dead-lettered as `bad_ts: future` (seconds, "
+        "or ISO 8601 like PT5M)")
+    dlq_max_bytes: int = Field(
+        1_000_000, ge=4096, description="the largest dead letter the broker takes (Kafka's "
+        "message.max.bytes, ~1 MB by default): longer ones are truncated and flagged")
 
     # Factorization (docs/factors.md). Confidence per (user, project) pair:
     # 1 + als_alpha * log(1 + sum of event weights / als_eps).

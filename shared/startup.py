@@ -31,3 +31,25 @@ def start_service(name: str, *, consumer_group_setting: str | None = None,
         bind(consumer_group=getattr(settings, consumer_group_setting))
     serve_metrics(settings.metrics_port)
     return settings, log
+
+
+def require_topics(settings: Settings, names: tuple[str, ...]) -> None:
+    """Exit 2 with one line when a topic the service needs does not exist, or when no
+    broker answers: a clear error at start-up, not a hang."""
+    from kafka.errors import KafkaError
+
+    from shared.kafka.admin import missing_topics
+
+    try:
+        missing = missing_topics(settings, names)
+    except KafkaError as error:
+        print(f"cofeat: no Kafka broker answers at {settings.require_kafka_bootstrap()}: "
+              f"{type(error).__name__}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if missing:
+        what = (f"topic {missing[0]} does not exist" if len(missing) == 1
+                else f"topics {', '.join(missing)} do not exist")
+        print(f"cofeat: {what} on {settings.require_kafka_bootstrap()}: create "
+              f"{'it' if len(missing) == 1 else 'them'} (`cofeat dev up` creates every topic; "
+              "see docs/operations.md)", file=sys.stderr)
+        raise SystemExit(2)

@@ -99,11 +99,62 @@ class Producer:
         for e in events:
             self.raw(self.projects, str(e.project_id).encode(), project_value(e))
 
+    def unchecked(self, topic: str, key: bytes | None, value: bytes | None,
+                  headers: list | None = None, partition: int = 0) -> None:
+        """What a producer in another language may put on the wire and KafkaProducer.send
+        refuses (no key and no value, null header values, header keys that are no UTF-8),
+        as a record batch of its own in a Produce request over the real protocol."""
+        self.flush()  # keeps the order with what send() queued before
+        produce_raw(self.settings, topic, partition, [(key, value, headers or [])])
+
     def flush(self) -> None:
         self.producer.flush(30)
 
     def close(self) -> None:
         self.producer.close(10)
+
+
+def produce_raw(settings: Settings, topic: str, partition: int, records: list) -> None:
+    """Writes (key, value, headers) records to one partition in one Produce request, acks
+    from all replicas; raises on a broker error."""
+    from kafka import KafkaAdminClient
+    from kafka.protocol.producer import ProduceRequest
+    from kafka.record.default_records import DefaultRecordBatchBuilder
+
+    builder = DefaultRecordBatchBuilder(magic=2, compression_type=0, is_transactional=0,
+                                        producer_id=-1, producer_epoch=-1, base_sequence=-1,
+                                        batch_size=1 << 30)
+    now = int(time.time() * 1000)
+    for offset, (key, value, headers) in enumerate(records):
+        builder.append(offset, now, key, value, headers)
+    topic_data = ProduceRequest.TopicProduceData
+    request = ProduceRequest(
+        transactional_id=None, acks=-1, timeout_ms=10_000, min_version=3, max_version=9,
+        topic_data=[topic_data(name=topic, partition_data=[topic_data.PartitionProduceData(
+            index=partition, records=bytes(builder.build()))])])
+    admin = KafkaAdminClient(**client_config(settings))
+    try:
+        async def send():
+            return await admin._manager.send(request)
+
+        response = admin._net.run(send)
+    finally:
+        admin.close()
+    for answer in response.responses:
+        for part in answer.partition_responses:
+            assert part.error_code == 0, f"produce failed: error {part.error_code}"
+
+
+class RawHeaderKey(str):
+    """A header key whose bytes on the wire are `raw` (e.g. not UTF-8), for `unchecked`."""
+
+    def __new__(cls, raw: bytes):
+        key = super().__new__(cls, raw.decode("latin-1"))
+        key.raw = raw
+        return key
+
+    def encode(self, *_args, **_kwargs) -> bytes:
+        return self.raw
 
 
 def read_dlq(settings: Settings, topic: str, expected: int, timeout_s: float = 20) -> list:
@@ -137,6 +188,18 @@ def fetch_one(settings: Settings, topic: str, partition: int, offset: int) -> by
 def count(db_url: str, sql: str) -> int:
     with psycopg.connect(db_url) as conn:
         return conn.execute(sql).fetchone()[0]
+
+
+def probe(port: int, path: str) -> tuple[int, str]:
+    """GET http://127.0.0.1:<port><path>: (status, body), errors included."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as reply:
+            return reply.status, reply.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
 
 
 def wait_until(predicate, timeout_s: float, what: str) -> None:

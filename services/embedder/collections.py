@@ -16,53 +16,22 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
-import grpc
 from pymilvus import MilvusClient
-from pymilvus.exceptions import MilvusException
 
 from services.embedder import metrics
 from shared import milvus as contract
-from shared.metrics import health
+from shared import retry
+from shared.retry import Stopped
 from shared.settings import Settings
 
 log = logging.getLogger("cofeat.embed")
 T = TypeVar("T")
-OUTAGE_LOG_INTERVAL_S = 30.0
 SLOW_CALL_S = 5.0
-RETRYABLE = (MilvusException, grpc.RpcError, ConnectionError, TimeoutError)
-
-
-class Stopped(Exception):
-    """A stop was requested while waiting for a server; the work in hand is abandoned."""
-
-
-class Outage:
-    """Backoff with one log line per interval instead of one per retry."""
-
-    def __init__(self, what: str, max_delay_s: float):
-        self.what, self.max_delay_s = what, max_delay_s
-        self.failures, self.last_log = 0, 0.0
-
-    def failed(self, error: BaseException) -> float:
-        self.failures += 1
-        health.set(False, f"{self.what} unavailable")
-        now = time.monotonic()
-        if now - self.last_log >= OUTAGE_LOG_INTERVAL_S:
-            detail = (str(error).splitlines() or [""])[0][:200]
-            log.warning("%s unavailable (%d failures so far): %s: %s", self.what,
-                        self.failures, type(error).__name__, detail)
-            self.last_log = now
-        return min(self.max_delay_s, 0.1 * 2 ** min(self.failures, 10))
-
-    def recovered(self) -> None:
-        if self.failures:
-            log.info("%s back after %d failures", self.what, self.failures)
-            health.set(True, "ok")
-        self.failures, self.last_log = 0, 0.0
 
 
 def sleep_unless(stopping: Callable[[], bool], seconds: float) -> bool:
-    """Sleep unless a stop is requested; True if it was."""
+    """Sleep unless a stop is requested; True if it was. For waits without a consumer to
+    keep in its group (a standby, before the stream starts)."""
     deadline = time.monotonic() + seconds
     while not stopping() and time.monotonic() < deadline:
         time.sleep(min(0.05, seconds))
@@ -70,11 +39,19 @@ def sleep_unless(stopping: Callable[[], bool], seconds: float) -> bool:
 
 
 class Milvus:
-    """Every Milvus call of the embedder, retried until acknowledged or asked to stop."""
+    """Every Milvus call of the embedder: transient failures retried until acknowledged or
+    asked to stop, permanent ones raised (shared/retry.py sorts them).
 
-    def __init__(self, settings: Settings, stopping: Callable[[], bool] = lambda: False):
+    `wait(seconds)` is how a retry waits (True: stop). The embedder passes its stream's
+    `idle`, which keeps polling with the partitions paused: an outage longer than
+    max.poll.interval.ms must not cost the consumer its group membership.
+    """
+
+    def __init__(self, settings: Settings, stopping: Callable[[], bool] = lambda: False,
+                 wait: Callable[[float], bool] | None = None):
         self.settings, self.stopping = settings, stopping
-        self.outage = Outage("milvus", settings.embed_retry_max_s)
+        self.wait = wait or (lambda seconds: sleep_unless(self.stopping, seconds))
+        self.outage = retry.Outage("milvus", settings.embed_retry_max_s, base_s=0.1, log=log)
         self.client: MilvusClient | None = None
         self.recoveries = 0  # outages ended so far
 
@@ -95,10 +72,12 @@ class Milvus:
                     log.warning("slow Milvus call: %s took %.1f s", what,
                                 time.monotonic() - started)
                 return result
-            except RETRYABLE as error:
+            except Exception as error:
+                if not retry.is_transient(error):
+                    raise
                 metrics.MILVUS_ERRORS.inc()
                 self.close()
-                if sleep_unless(self.stopping, self.outage.failed(error)):
+                if self.wait(self.outage.failed(error)):
                     raise Stopped from None
 
     def close(self) -> None:
@@ -146,12 +125,26 @@ def drop(milvus: Milvus, name: str) -> None:
     milvus.call(lambda c: c.has_collection(name) and c.drop_collection(name))
 
 
-def upsert(milvus: Milvus, names: list[str], rows: list[dict], chunk: int) -> None:
+def upsert(milvus: Milvus, names: list[str], rows: list[dict],
+           chunk: int) -> list[tuple[dict, BaseException]]:
+    """Upsert into every collection; returns the rows Milvus refused for their data (found by
+    splitting the refused calls, shared/retry.py `bisect`), each with its error."""
+    refused: dict[int, tuple[dict, BaseException]] = {}
+    key = "project_id" if rows and "project_id" in rows[0] else "user_id"
     for name in names:
         for start in range(0, len(rows), chunk):
-            part = rows[start:start + chunk]
-            milvus.call(lambda c, part=part, name=name: c.upsert(name, part),
-                        f"upsert of {len(part)} rows into {name}")
+            part = [r for r in rows[start:start + chunk] if r[key] not in refused]
+
+            def write(part: list[dict], name: str = name) -> None:
+                milvus.call(lambda c: c.upsert(name, part),
+                            f"upsert of {len(part)} rows into {name}")
+
+            for row, error in retry.bisect(part, write):
+                refused[row[key]] = (row, error)
+    if refused:
+        log.warning("Milvus refused %d rows: %s", len(refused),
+                    retry.describe(next(iter(refused.values()))[1]))
+    return list(refused.values())
 
 
 def delete(milvus: Milvus, names: list[str], ids: list[int]) -> None:

@@ -6,6 +6,7 @@ Each action is one transaction, so a retry after a lost connection repeats it wh
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -13,6 +14,7 @@ import psycopg
 
 from services.embedder import collections as mv
 from services.embedder import metrics
+from shared import retry
 from shared.db.connect import connect
 from shared.settings import Settings
 
@@ -20,9 +22,13 @@ T = TypeVar("T")
 
 
 class Database:
-    def __init__(self, settings: Settings, stopping: Callable[[], bool]):
-        self.settings, self.stopping = settings, stopping
-        self.outage = mv.Outage("database", settings.embed_retry_max_s)
+    """`wait(seconds)` is how a retry waits (True: stop); the embedder passes one that polls
+    its stream with the partitions paused, so an outage does not cost the group."""
+
+    def __init__(self, settings: Settings, wait: Callable[[float], bool]):
+        self.settings, self.wait = settings, wait
+        self.outage = retry.Outage("database", settings.embed_retry_max_s, base_s=0.1,
+                                   log=logging.getLogger("cofeat.embed"))
         self.conn: psycopg.Connection | None = None
 
     def __call__(self) -> psycopg.Connection:
@@ -43,7 +49,7 @@ class Database:
         """Drop the connection and wait; raises Stopped if asked to stop meanwhile."""
         metrics.DB_ERRORS.inc()
         self.close()
-        if mv.sleep_unless(self.stopping, self.outage.failed(error)):
+        if self.wait(self.outage.failed(error)):
             raise mv.Stopped
 
     def close(self) -> None:

@@ -121,6 +121,7 @@ def commit(conn: psycopg.Connection, settings: Settings, written: Written,
                 if state is not None and pid not in written.failed]
     with conn.transaction(), conn.cursor() as cur:
         attempts = record(cur, written.failed.values())
+        attempts |= park(cur, written.refused, settings.embed_max_attempts)
         clear(cur, embedded)
         cur.execute(_FORGET_GONE, ([pid for pid, state in wanted.items() if state is None],))
         store_offsets(cur, settings.embed_group, next_offsets or {})
@@ -141,3 +142,15 @@ def log_failures(failed: Iterable[tuple[State, str]], attempts: Mapping[int, int
         log.warning("project %d: image %s unreadable (%s), attempt %d of %d%s",
                     state.project_id, state.image_uri, reason, count, max_attempts,
                     ": parked" if count >= max_attempts else "")
+
+
+def park(cur: psycopg.Cursor, project_ids: Iterable[int], max_attempts: int) -> dict[int, int]:
+    """Park recorded failures now (Milvus refused their rows: the same call fails again);
+    returns {project_id: attempts}."""
+    project_ids = list(project_ids)
+    if not project_ids:
+        return {}
+    cur.execute("UPDATE embed_failures SET attempts = greatest(attempts, %s) "
+                "WHERE project_id = ANY(%s) RETURNING project_id, attempts",
+                (max_attempts, project_ids))
+    return dict(cur.fetchall())

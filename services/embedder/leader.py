@@ -18,6 +18,7 @@ import psycopg
 from services.embedder import collections as mv
 from services.embedder import metrics
 from services.embedder.service import Embedder
+from shared import retry
 from shared.db.locks import SessionLock, lock_key
 from shared.settings import Settings
 
@@ -35,7 +36,8 @@ class Replica:
     def __init__(self, settings: Settings, drain: bool = False):
         self.settings, self.drain = settings, drain
         self.lock = leader_lock(settings)
-        self.outage = mv.Outage("database", settings.embed_retry_max_s)
+        self.outage = retry.Outage("database", settings.embed_retry_max_s, base_s=0.1,
+                                   log=log)
         self.stopping = False
         self.embedder: Embedder | None = None
 

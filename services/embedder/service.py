@@ -31,7 +31,6 @@ from services.embedder.reconcile import Reconciler
 from services.embedder.stream import Stream
 from services.embedder.writer import Writer, Written
 from shared.db.locks import SessionLock
-from shared.db.store import load_offsets
 from shared.images import ImageReader
 from shared.settings import Settings
 
@@ -46,8 +45,8 @@ class Embedder:
         self.stopping = False
         self.lock = lock  # None: no leader election (tests of the loop alone)
         self.lost = False  # the leader lock is gone: another replica may be writing
-        self.milvus = mv.Milvus(settings, self.halted)
-        self.db = Database(settings, self.halted)
+        self.milvus = mv.Milvus(settings, self.halted, self.wait)
+        self.db = Database(settings, self.wait)
         self.writer = Writer(settings, self.milvus)
         self.lifecycle = Lifecycle(settings, self.milvus, self.db, self.writer,
                                    self.confirm_leading, self.record,
@@ -60,19 +59,19 @@ class Embedder:
     def record(self, wanted: dict, written: Written) -> None:
         failures.commit(self.db(), self.settings, written, wanted)
 
-    def load_offsets(self, wanted: list[tuple[str, int]]) -> dict | None:
-        try:
-            return self.db.run(lambda conn: load_offsets(conn, self.settings.embed_group,
-                                                         wanted))
-        except mv.Stopped:
-            return None
+    def wait(self, seconds: float) -> bool:
+        """A retry's wait; True if halted meanwhile. Once the stream runs, waiting polls it
+        with the partitions paused, so an outage does not cost the group membership."""
+        if self.stream is not None:
+            return self.stream.source.idle(seconds, self.halted)
+        return mv.sleep_unless(self.halted, seconds)
 
     # -- the jobs, in turn ---------------------------------------------------------------
 
     def stream_step(self) -> None:
         if self.stream is None:
             self.stream = Stream(self.settings, self.db, self.writer, self.lifecycle.targets,
-                                 lambda: self.lifecycle.live_since_ms, self.load_offsets)
+                                 lambda: self.lifecycle.live_since_ms)
         timeout = self.settings.embed_poll_timeout_ms
         if self.lifecycle.backfill is not None and self.stream.source.joined:
             # Backfill steps wait, but a fetch the broker held through a step comes back

@@ -21,15 +21,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import psycopg
-from kafka import KafkaConsumer, TopicPartition
-from kafka.consumer.subscription_state import ConsumerRebalanceListener
+from kafka import TopicPartition
 
 from services.embedder import failures, metrics, states
 from services.embedder.writer import Target, Writer, Written
-from shared import topics
-from shared.events import InvalidEvent, parse_project
-from shared.kafka import positions
-from shared.kafka.config import consumer_config
+from shared import events, topics
+from shared.kafka.batch import Batch
+from shared.kafka.runtime import Consumer, StoredOffsets
 from shared.settings import Settings
 
 log = logging.getLogger("cofeat.embed")
@@ -52,79 +50,61 @@ class Polled:
     changes: list[Change] = field(default_factory=list)
     invalid: int = 0
     next_offsets: dict[tuple[str, int], int] = field(default_factory=dict)
+    batch: Batch | None = None
 
 
-class _SeekToStored(ConsumerRebalanceListener):
-    def __init__(self, source: Source):
-        self.source = source
-
-    def on_partitions_revoked(self, revoked) -> None:
-        pass  # nothing acknowledged is pending: offsets are stored with each batch
-
-    def on_partitions_assigned(self, assigned) -> None:
-        self.source.seek_to_stored(list(assigned))
+def change(record, latest_ms: int | None = None) -> Change:
+    """The same contract ingest enforces (without the future check: whether ingest stored
+    an event is read from the store, not guessed from a second clock)."""
+    event = events.project_record(record.key, record.value)
+    return Change(event.project_id, event.event_id, record.topic, record.partition,
+                  record.offset, record.timestamp)
 
 
 class Source:
-    """The projects topic as this embedder's consumer group reads it."""
+    """The projects topic as this embedder's consumer group reads it, on the consumer
+    runtime (shared/kafka/runtime.py): offsets stored with the data in Postgres, bounded
+    rebalance callbacks, and `idle` to wait out an outage without leaving the group."""
 
-    def __init__(self, settings: Settings,
-                 load_offsets: Callable[[list[tuple[str, int]]], dict | None]):
-        self.settings = settings
+    def __init__(self, settings: Settings):
         self.topic = topics.projects(settings.topic_prefix)
-        self.load_offsets = load_offsets
-        self.joined = False
-        self.consumer = KafkaConsumer(**consumer_config(
-            settings, settings.embed_group, max_poll_records=settings.embed_max_records))
-        self.consumer.subscribe([self.topic], listener=_SeekToStored(self))
+        self.runtime = Consumer(settings, settings.embed_group, {self.topic: change},
+                                StoredOffsets(settings, settings.embed_group),
+                                settings.embed_max_records,
+                                retry_max_s=settings.embed_retry_max_s, check_future=False)
+        self.runtime.subscribe()
 
-    def seek_to_stored(self, assigned: list[TopicPartition]) -> None:
-        stored = self.load_offsets([(tp.topic, tp.partition) for tp in assigned])
-        if stored is None:
-            return  # stopping
-        for tp in assigned:
-            offset = stored.get((tp.topic, tp.partition))
-            if offset is None:
-                self.consumer.seek_to_beginning(tp)
-            else:
-                self.consumer.seek(tp, offset)
-        self.joined = True
-        log.info("assigned %s", ", ".join(f"{t.topic}[{t.partition}]" for t in assigned))
+    @property
+    def joined(self) -> bool:
+        return self.runtime.joined
 
     def poll(self, timeout_ms: int) -> Polled:
-        records = self.consumer.poll(timeout_ms=timeout_ms,
-                                     max_records=self.settings.embed_max_records)
-        polled = Polled()
-        for tp, batch in records.items():
-            for record in batch:
-                try:
-                    polled.changes.append(change(record))
-                except InvalidEvent:
-                    polled.invalid += 1  # ingest dead-letters it
-            if batch:
-                polled.next_offsets[(tp.topic, tp.partition)] = batch[-1].offset + 1
+        batch = self.runtime.poll(timeout_ms)
+        polled = Polled(batch.of(self.topic), len(batch.rejected), batch.offsets, batch)
         if polled.invalid:
-            metrics.EVENTS.labels("invalid").inc(polled.invalid)
+            metrics.EVENTS.labels("invalid").inc(polled.invalid)  # ingest dead-letters them
         return polled
 
+    def done(self, polled: Polled) -> None:
+        """Written and offsets stored: count each record's outcome."""
+        if polled.batch is not None:
+            self.runtime.done(polled.batch, outcome_of_rejected="skipped")
+
+    def position(self, topic: str, partition: int) -> int:
+        return self.runtime.consumer.position(TopicPartition(topic, partition))
+
+    def idle(self, seconds: float, stopping: Callable[[], bool]) -> bool:
+        return self.runtime.idle(seconds, stopping)
+
     def caught_up(self) -> bool:
-        return (self.joined and bool(self.consumer.assignment())
-                and positions.caught_up(self.consumer))
+        return bool(self.runtime.consumer.assignment()) and self.runtime.caught_up()
 
     def upkeep(self) -> None:
-        positions.rewind_truncated(self.consumer)
-        positions.report_lag(self.consumer, metrics.LAG)
+        self.runtime.rewind_truncated()
+        self.runtime.report_lag(metrics.LAG)
 
     def close(self) -> None:
-        self.consumer.close(autocommit=False)
-
-
-def change(record) -> Change:
-    event = parse_project(record.value)
-    if record.key != str(event.project_id).encode():
-        raise InvalidEvent("bad_key", "key must be the id as decimal text")
-    return Change(event.project_id, event.event_id, record.topic, record.partition,
-                  record.offset, record.timestamp)
+        self.runtime.close()
 
 
 _INGEST_AT = """
@@ -199,11 +179,10 @@ class IngestGate:
 class Stream:
     def __init__(self, settings: Settings, db: Callable[[], psycopg.Connection],
                  writer: Writer, targets: Callable[[], list[Target]],
-                 live_since_ms: Callable[[], float | None],
-                 load_offsets: Callable[[list[tuple[str, int]]], dict | None]):
+                 live_since_ms: Callable[[], float | None]):
         self.settings, self.db, self.writer = settings, db, writer
         self.targets, self.live_since_ms = targets, live_since_ms
-        self.source = Source(settings, load_offsets)
+        self.source = Source(settings)
         self.gate = IngestGate(settings)
         self.read_to: dict[tuple[str, int], int] = {}  # next offset per partition polled
         self.stored: dict[tuple[str, int], int] = {}  # what Postgres holds for us
@@ -230,6 +209,7 @@ class Stream:
             metrics.IMAGES.labels("stream").inc(written.embedded)
             metrics.ALREADY_WRITTEN.inc(written.unchanged)
             self.meter.images(written.embedded, written.seconds)
+        self.source.done(polled)
 
     def _offsets(self) -> dict[tuple[str, int], int]:
         """Offsets to store now: as far as polled, but not past a waiting change."""

@@ -18,6 +18,7 @@ from services.embedder import collections as mv
 from services.embedder.encode import Encoder
 from services.embedder.states import State
 from shared.images import is_transient_reason
+from shared.retry import describe
 from shared.settings import Settings
 
 
@@ -35,6 +36,7 @@ class Written:
     unchanged: int = 0  # rows already at the wanted state version
     deleted: int = 0
     failed: dict[int, tuple[State, str]] = field(default_factory=dict)  # by project_id
+    refused: set[int] = field(default_factory=set)  # Milvus refused the row: park at once
     seconds: float = 0.0  # spent in the model
 
     def done(self, wanted: dict[int, State | None]) -> list[int]:
@@ -62,7 +64,13 @@ class Writer:
         result = target.encoder.embed(todo)
         written.seconds += time.perf_counter() - started
         written.embedded += len(todo)
-        mv.upsert(self.milvus, [target.name], result.rows, self.settings.embed_insert_rows)
+        refused = mv.upsert(self.milvus, [target.name], result.rows,
+                            self.settings.embed_insert_rows)
+        by_id = {state.project_id: state for state in todo}
+        for row, error in refused:  # the same call fails again: not worth a retry
+            pid = row["project_id"]
+            result.failed.append((by_id[pid], f"milvus refused: {describe(error)}"))
+            written.refused.add(pid)
         gone = [pid for pid, state in wanted.items() if state is None]
         # An image its storage did not serve keeps the row it has until the retry.
         gone += [state.project_id for state, why in result.failed

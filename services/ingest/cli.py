@@ -14,13 +14,16 @@ def main(
 ) -> None:
     """Consume interaction and project events into the interaction store."""
     from services.ingest.consumer import Ingestor, install_signal_handlers
-    from shared.startup import start_service
+    from shared.startup import require_topics, start_service
+    from shared.topics import all_topics
 
     settings, log = start_service("ingest", consumer_group_setting="ingest_group",
                                   **({"ingest_group": group} if group else {}))
+    # Dead letters go to <topic>.dlq: without it every invalid event would stall the stream.
+    require_topics(settings, all_topics(settings.topic_prefix))
     ingestor = Ingestor(settings, drain=drain)
     install_signal_handlers(ingestor)
     code = ingestor.run()
     log.info("summary %s", json.dumps({"stored": ingestor.stored_events,
-                                       "dead_letters": ingestor.dead_letters}))
+                                       "dead_letters": ingestor.dead_letter_count}))
     raise SystemExit(code)

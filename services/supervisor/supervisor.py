@@ -45,6 +45,7 @@ class Supervisor:
         return 0
 
     def _tick(self) -> None:
+        health.beat()  # /healthz: the supervising loop turns
         for child in self.children:
             child.poll(self.max_backoff_s)
             if child.due():

@@ -50,12 +50,16 @@ interactions = Table(
     # that snapshot did not see (pg_visible_in_snapshot).
     Column("ingest_xid", XID8, nullable=False, server_default=text("pg_current_xact_id()")),
     CheckConstraint("type BETWEEN 0 AND 3", name="interactions_type_known"),
+    # xid8 has no BRIN operator class; its integer value does (migration 0004).
+    Index("interactions_ingest_xid_brin", text("((ingest_xid::text)::bigint)"),
+          postgresql_using="brin",
+          postgresql_with={"pages_per_range": 32, "autosummarize": "on"}),
 )
 
 # Event counts per (user, project), for the factor refresh to read one row per pair. Folded
 # in by a full refresh (services/refresh/factors/read.py), not by ingest: they hold exactly
-# the events visible to interaction_pairs_state.snapshot. (Migration 0004 also adds a BRIN
-# index on interactions' ingest_xid, as an integer, to find the events a snapshot missed.)
+# the events visible to interaction_pairs_state.snapshot. (The BRIN index on interactions'
+# ingest_xid, as an integer, finds the events a snapshot missed.)
 interaction_pairs = Table(
     "interaction_pairs", metadata,
     Column("user_id", BigInteger, primary_key=True),

@@ -1,6 +1,6 @@
 """The write path of the interaction store: one batch, one transaction, idempotent.
 
-Rows go through COPY into temporary staging tables, then `INSERT … ON CONFLICT DO NOTHING`
+Rows go through binary COPY into temporary staging tables, then `INSERT … ON CONFLICT DO NOTHING`
 into the real tables, so a replayed event is stored once. The consumer's next offsets are
 written in the same transaction: the store and its position never disagree. Offsets may
 move backwards (a partition reset to its beginning, a late write from a consumer that lost
@@ -25,6 +25,9 @@ CREATE TEMP TABLE IF NOT EXISTS stage_project_events (
     ord int4, event_id text, project_id int8, type text, owner_id int8, image_uri text,
     ts_ms int8
 ) ON COMMIT DELETE ROWS;
+-- Several batches may share one transaction (ingest isolating a bad record in savepoints).
+DELETE FROM stage_interactions;
+DELETE FROM stage_project_events;
 """
 
 _INSERT_INTERACTIONS = """
@@ -75,31 +78,32 @@ ON CONFLICT (group_id, topic, partition) DO UPDATE
 SET next_offset = EXCLUDED.next_offset, updated_at = now()
 """
 
-_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
-
-
 @dataclass
 class BatchResult:
     interactions_new: int = 0
     project_events_staged: int = 0
 
 
-def _text(value: str) -> str:
-    # COPY text format: only these characters need escaping; most ids have none.
-    return value.translate(_ESCAPES) if ("\\" in value or "\t" in value or "\n" in value
-                                         or "\r" in value) else value
+# Binary COPY: no text to format or escape, and less for the server to parse (measured here:
+# ~0.7 against ~1.1 µs of client CPU and ~2.5 against ~5.5 µs in all per row).
+_INTERACTION_TYPES = ("int4", "text", "int8", "int8", "int2", "int8")
+_PROJECT_TYPES = ("int4", "text", "int8", "text", "int8", "text", "int8")
 
 
-def _interaction_lines(rows: Iterable[Interaction]) -> bytes:
-    return "".join(
-        f"{i}\t{_text(r.event_id)}\t{r.user_id}\t{r.project_id}\t{int(r.type)}\t{r.ts_ms}\n"
-        for i, r in enumerate(rows)).encode()
+def _copy_interactions(cur: psycopg.Cursor, rows: Iterable[Interaction]) -> None:
+    with cur.copy("COPY stage_interactions FROM STDIN (FORMAT BINARY)") as copy:
+        copy.set_types(_INTERACTION_TYPES)
+        write = copy.write_row
+        for i, r in enumerate(rows):
+            write((i, r.event_id, r.user_id, r.project_id, r.type, r.ts_ms))
 
 
-def _project_lines(rows: Iterable[ProjectEvent]) -> bytes:
-    return "".join(
-        f"{i}\t{_text(r.event_id)}\t{r.project_id}\t{r.type}\t{r.owner_id}\t"
-        f"{_text(r.image_uri)}\t{r.ts_ms}\n" for i, r in enumerate(rows)).encode()
+def _copy_project_events(cur: psycopg.Cursor, rows: Iterable[ProjectEvent]) -> None:
+    with cur.copy("COPY stage_project_events FROM STDIN (FORMAT BINARY)") as copy:
+        copy.set_types(_PROJECT_TYPES)
+        for i, r in enumerate(rows):
+            copy.write_row((i, r.event_id, r.project_id, r.type, r.owner_id, r.image_uri,
+                            r.ts_ms))
 
 
 def write_batch(conn: psycopg.Connection, interactions: list[Interaction],
@@ -110,13 +114,11 @@ def write_batch(conn: psycopg.Connection, interactions: list[Interaction],
     with conn.transaction(), conn.cursor() as cur:
         cur.execute(_STAGING)
         if interactions:
-            with cur.copy("COPY stage_interactions FROM STDIN") as copy:
-                copy.write(_interaction_lines(interactions))
+            _copy_interactions(cur, interactions)
             cur.execute(_INSERT_INTERACTIONS)
             result.interactions_new = cur.rowcount
         if project_events:
-            with cur.copy("COPY stage_project_events FROM STDIN") as copy:
-                copy.write(_project_lines(project_events))
+            _copy_project_events(cur, project_events)
             cur.execute(_INSERT_PROJECT_EVENTS, {"own": int(InteractionType.own)})
             result.project_events_staged = len(project_events)
         if next_offsets:

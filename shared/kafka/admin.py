@@ -16,6 +16,16 @@ from shared.settings import Settings
 log = logging.getLogger(__name__)
 
 
+def missing_topics(settings: Settings, names: tuple[str, ...]) -> list[str]:
+    """Those of `names` the cluster does not have (a producer would wait for them)."""
+    admin = KafkaAdminClient(**client_config(settings))
+    try:
+        existing = set(admin.list_topics())
+    finally:
+        admin.close()
+    return [n for n in names if n not in existing]
+
+
 def ensure_topics(settings: Settings, names: tuple[str, ...] | None = None) -> list[str]:
     """Create the topics that do not exist yet; returns the names it created."""
     names = names or topics.all_topics(settings.topic_prefix)

@@ -106,3 +106,49 @@ def test_backoff_grows_with_jitter_and_resets():
     backoff.succeeded()
     assert backoff.ready() and backoff.failures == 0
     assert retry.describe(ValueError("a\nb")) == "ValueError: a"
+
+
+def test_bisect_finds_the_records_responsible():
+    calls = []
+
+    def write(part):
+        calls.append(len(part))
+        bad = [x for x in part if x % 10 == 3]
+        if bad:
+            raise ValueError(f"refused {bad[0]}")
+
+    failed = retry.bisect(list(range(64)), write)
+    assert [item for item, _ in failed] == [3, 13, 23, 33, 43, 53, 63]
+    assert all(str(error) == f"refused {item}" for item, error in failed)
+    assert len(calls) < 64  # far fewer tries than one per record
+
+    assert retry.bisect([], write) == [] and retry.bisect([1, 2], write) == []
+
+
+def test_bisect_does_not_blame_the_data_for_the_system(pg_admin_url):
+    errors = real_errors(pg_admin_url)
+    for error in (errors["lost"], errors["syntax"], AttributeError("a bug")):
+        with pytest.raises(type(error)):
+            retry.bisect([1, 2, 3], lambda part, error=error: (_ for _ in ()).throw(error))
+    assert retry.blames_input(errors["data"]) and not retry.blames_input(errors["syntax"])
+    assert retry.blames_input(MessageSizeTooLargeError()) and retry.blames_input(ParamError())
+    # Every record of a large batch failing alone is a systemic failure.
+    with pytest.raises(retry.SystemicFailure):
+        retry.bisect(list(range(8)), lambda part: (_ for _ in ()).throw(ValueError("all")))
+    assert len(retry.bisect(list(range(7)),
+                            lambda part: (_ for _ in ()).throw(ValueError("all")))) == 7
+
+
+def test_outage_logs_once_per_interval_and_says_not_ready(caplog):
+    from shared.metrics import health
+
+    outage = retry.Outage("thing", max_s=0.01, base_s=0.001, log_every_s=60)
+    with caplog.at_level("WARNING", logger="cofeat.retry"):
+        for _ in range(5):
+            outage.failed(ConnectionResetError("reset"))
+    assert [r.getMessage() for r in caplog.records].count(
+        "thing unavailable (1 failures so far): ConnectionResetError: reset") == 1
+    assert len(caplog.records) == 1
+    assert not health.ok and "thing unavailable" in health.detail
+    outage.recovered()
+    assert health.ok and outage.failures == 0 and outage.ready()

@@ -11,7 +11,6 @@ import numpy as np
 import psycopg
 import pytest
 import torch
-from kafka import TopicPartition
 from PIL import Image
 from pymilvus import MilvusClient
 
@@ -264,8 +263,7 @@ def settle(embedder, platform: Platform | None = None, timeout_s: float = 90.0,
             return True
         if embedder.stream is None or not embedder.stream.source.joined:
             return False
-        consumer = embedder.stream.source.consumer
-        return all(consumer.position(TopicPartition(*tp)) >= offset
+        return all(embedder.stream.source.position(*tp) >= offset
                    for tp, offset in platform.sent_to.items())
 
     done = until or (lambda: (embedder.lifecycle.backfill is None

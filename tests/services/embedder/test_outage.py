@@ -1,12 +1,9 @@
-"""Milvus outages, cut by a private TCP proxy or a real server restart: nothing lost,
-offsets wait for Milvus."""
+"""Milvus outages, cut by a private TCP proxy (tests/proxy.py) or a real server restart:
+nothing lost, offsets wait for Milvus."""
 
 from __future__ import annotations
 
-import contextlib
 import signal
-import socket
-import threading
 import time
 
 import numpy as np
@@ -15,7 +12,9 @@ from pymilvus.exceptions import MilvusException
 
 from shared import milvus as contract
 from shared.kafka.admin import ensure_topics
-from tests.helpers import Producer, wait_until
+from tests.conftest import free_port
+from tests.helpers import Producer, probe, wait_until
+from tests.proxy import Proxy
 from tests.services.embedder.conftest import (
     alias_target,
     client,
@@ -29,62 +28,7 @@ from tests.services.embedder.conftest import (
 )
 from tests.services.embedder.test_stream import event, visible
 
-
-class Proxy:
-    """127.0.0.1:<port> -> Milvus; `cut()` resets every connection and refuses new ones
-    (accepted, then closed at once) until `restore()`."""
-
-    def __init__(self, target_port: int):
-        self.target = ("127.0.0.1", target_port)
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.up = True
-        self.lock = threading.Lock()
-        self.sockets: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                downstream, _ = self.listener.accept()
-            except OSError:
-                return
-            if not self.up:
-                downstream.close()
-                continue
-            try:
-                upstream = socket.create_connection(self.target)
-            except OSError:
-                downstream.close()
-                continue
-            with self.lock:
-                self.sockets += [downstream, upstream]
-            for a, b in ((downstream, upstream), (upstream, downstream)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
-
-    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
-        with contextlib.suppress(OSError):
-            while data := source.recv(65536):
-                sink.sendall(data)
-        for s in (source, sink):
-            with contextlib.suppress(OSError):
-                s.shutdown(socket.SHUT_RDWR)
-
-    def cut(self) -> None:
-        self.up = False
-        with self.lock:
-            for s in self.sockets:
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
-                s.close()
-            self.sockets.clear()
-
-    def restore(self) -> None:
-        self.up = True
-
-    def close(self) -> None:
-        self.cut()
-        self.listener.close()
+MAX_POLL_MS = 3_000  # the first outage below lasts three times as long
 
 
 def stored_offsets(db_url: str, group: str) -> int:
@@ -109,7 +53,9 @@ def test_milvus_outage_loses_nothing(esettings, db_url, tmp_path):
                             for p in ids])
         producer.flush()
 
-    proc = start_embed(via_proxy, log)
+    port = free_port()
+    proc = start_embed(via_proxy, log, COFEAT_METRICS_PORT=str(port),
+                       COFEAT_KAFKA_MAX_POLL_INTERVAL_MS=str(MAX_POLL_MS))
     ingest = start_ingest(esettings, tmp_path / "ingest.log")
     try:
         wait_until(lambda: alias_target(c, esettings, contract.PROJECTS) is not None, 90,
@@ -117,15 +63,22 @@ def test_milvus_outage_loses_nothing(esettings, db_url, tmp_path):
         publish([100])
         wait_until(lambda: visible(c, alias, [100]) == {100}, 10, "the stream running")
         before = stored_offsets(db_url, esettings.embed_group)
+        assert probe(port, "/readyz")[0] == 200
 
-        # 1. An outage the service rides out on its own.
+        # 1. An outage three times max.poll.interval.ms long, ridden out in the group:
+        # retries wait by polling with the partitions paused.
         proxy.cut()
         publish(range(200, 210))
-        time.sleep(3)
+        time.sleep(3 * MAX_POLL_MS / 1000)
         assert stored_offsets(db_url, esettings.embed_group) == before  # not acknowledged
+        status, detail = probe(port, "/readyz")
+        assert status == 503 and "milvus unavailable" in detail, detail
+        assert probe(port, "/healthz")[0] == 200
         proxy.restore()
         wait_until(lambda: visible(c, alias, range(200, 210)) == set(range(200, 210)), 30,
                    "events written after the outage")
+        wait_until(lambda: probe(port, "/readyz")[0] == 200, 10, "ready again")
+        assert log.read_text().count(" assigned ") == 1, "evicted or rebalanced"
 
         # 2. Stopped during an outage: exits 0, and a restart replays what was not written.
         proxy.cut()

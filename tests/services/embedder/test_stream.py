@@ -15,7 +15,7 @@ from shared import milvus as contract
 from shared.events import ProjectEvent
 from shared.kafka.admin import ensure_topics
 from tests.conftest import free_port
-from tests.helpers import Producer, wait_until
+from tests.helpers import Producer, RawHeaderKey, wait_until
 from tests.services.embedder.conftest import (
     NOW_MS,
     alias_target,
@@ -46,10 +46,10 @@ def visible(c, alias: str, ids) -> set[int]:
     return {r["project_id"] for r in found}
 
 
-def metric(port: int, prefix: str) -> float:
+def metric(port: int, prefix: str, having: str = "") -> float:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
         lines = [line for line in response.read().decode().splitlines()
-                 if line.startswith(prefix)]
+                 if line.startswith(prefix) and having in line]
     return sum(float(line.split()[-1]) for line in lines)
 
 
@@ -84,6 +84,10 @@ def test_stream_publish_update_delete_and_bad_images(esettings, db_url, tmp_path
         # corrupt -> retried, parked; the stream goes on with the next event
         producer.projects_([event("published", 300, make_corrupt(images / "300.png"))])
         producer.raw(producer.projects, b"301", b"not json")  # invalid: skipped, counted
+        producer.flush()
+        # Records the client cannot decode, or that it refuses to send itself: skipped too.
+        producer.unchecked(producer.projects, b"303", b"{}", [(RawHeaderKey(b"\xff"), b"")])
+        producer.unchecked(producer.projects, None, None)
         producer.projects_([event("published", 302, make_image(images / "302.png", 302))])
         producer.flush()
         wait_until(lambda: visible(c, alias, [1, 2, 302]) == {1, 302}, 10, "update/delete")
@@ -102,7 +106,8 @@ def test_stream_publish_update_delete_and_bad_images(esettings, db_url, tmp_path
         wait_until(lambda: 300 not in failures(db_url), 10, "the failure row cleared")
 
         assert metric(port, "cofeat_embed_freshness_seconds_count") >= 9
-        assert metric(port, 'cofeat_embed_events_total{result="invalid"}') == 1
+        assert metric(port, 'cofeat_embed_events_total{result="invalid"}') == 3
+        assert metric(port, "cofeat_consumer_records_total", 'kind="corrupt_record"') == 1
         assert metric(port, "cofeat_embed_parked_total") == 1
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as health:
             assert health.status == 200
@@ -117,7 +122,7 @@ def test_stream_publish_update_delete_and_bad_images(esettings, db_url, tmp_path
     with psycopg.connect(db_url) as conn:
         stored = conn.execute("SELECT sum(next_offset) FROM consumer_offsets WHERE group_id = "
                               "%s", (settings.embed_group,)).fetchone()[0]
-    assert stored == 6 + 2 + 3 + 1  # every event, the invalid one included
+    assert stored == 6 + 2 + 5 + 1  # every event, the invalid ones included
 
 
 def test_model_swap_while_streaming(esettings, db_url, tmp_path):

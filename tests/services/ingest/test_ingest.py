@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from services.ingest import dlq
+from shared.kafka import dlq
 from tests.helpers import (
     count,
     fetch_one,
