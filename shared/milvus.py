@@ -14,14 +14,19 @@ from shared.settings import Settings
 PROJECTS = "cofeat_projects"
 USERS = "cofeat_users"
 VECTOR_FIELD = "embedding"
+STATE_VERSION = "state_version"
+PROJECT_KEY = "project_id"
 
 
 def alias(settings: Settings, kind: str) -> str:
     return settings.milvus_prefix + kind
 
 
-def collection_name(settings: Settings, kind: str, model_version: int) -> str:
-    return f"{settings.milvus_prefix}{kind}_v{model_version}"
+def collection_name(settings: Settings, kind: str, model_version: int, rebuild: int = 0) -> str:
+    """`<prefix><kind>_v<model>`; a rebuild of the same model (a collection of an older
+    schema) is `..._v<model>_<rebuild>`, since an aliased collection is never dropped."""
+    suffix = f"_{rebuild}" if rebuild else ""
+    return f"{settings.milvus_prefix}{kind}_v{model_version}{suffix}"
 
 
 def connect(settings: Settings, **kwargs) -> MilvusClient:
@@ -39,6 +44,8 @@ def project_schema(dim: int):
     schema.add_field("model_version", DataType.INT64)
     schema.add_field("owner_id", DataType.INT64)
     schema.add_field("published_at", DataType.INT64, description="epoch ms")
+    # The Postgres projects.state_version this row was embedded from: drift is exact.
+    schema.add_field(STATE_VERSION, DataType.INT64)
     return schema
 
 

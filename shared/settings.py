@@ -211,8 +211,10 @@ class Settings(BaseSettings):
         600.0, ge=0, description="a backfill waits this long for its HNSW index before it "
         "swaps anyway, loaded and counted (queries scan unindexed rows until it is built)")
     embed_retry_max_s: float = Field(30.0, gt=0, description="backoff cap for outages")
-    embed_recent_window_s: float = Field(
-        300.0, ge=0, description="stream events a new backfill re-applies (ingest may lag)")
+    embed_ingest_wait_s: float = Field(
+        30.0, gt=0, description="how long a stream event waits for ingest to store it")
+    embed_reconcile_every_s: float = Field(
+        300.0, ge=0, description="compare the live collection with Postgres (0: never)")
     embed_standby_poll_s: float = Field(
         2.0, gt=0, description="how often a standby replica tries to take the leader lock")
 

@@ -83,6 +83,7 @@ def write_report(demo) -> Path:
     eval_md = (out / "eval.md").read_text() if (out / "eval.md").exists() else "(no eval)"
     state = demo.state()
     live = state.get("live", {})
+    caught_up = state.get("caught_up", {})
     durations = {step: state[step].get("seconds") for step in ("live", "caught_up", "eval")
                  if step in state}
     curves = "".join(f'<figure><img src="{n}"><figcaption>{n}</figcaption></figure>'
@@ -103,6 +104,9 @@ img{{max-width:100%}}figure{{display:inline-block;width:45%}}</style></head><bod
 <li>embed failures parked: {figures['embed_failures_parked']}</li>
 <li>freshness (event → searchable, from the embedder's histogram):
 {html.escape(str(live.get('freshness')))}</li>
+<li>drift between Milvus and Postgres: during the live loop
+{html.escape(str(live.get('drift')))}; after the catch-up (<code>cofeat embed --verify</code>)
+{html.escape(str(caught_up.get('verify')))}</li>
 <li>step durations in seconds (the run that did each step): {html.escape(str(durations))}
 </li></ul>
 <h3>Model versions</h3>{_versions_html(figures['versions'])}

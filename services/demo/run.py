@@ -73,10 +73,12 @@ def live_loop(demo: Demo) -> dict:
                     "--format", "jpeg", *where)
         wait_for_ingest(demo)
         freshness = scrape_histogram(metrics_port + 3, "cofeat_embed_freshness_seconds")
+        drift = {"repaired_by_the_periodic_check": scrape_sum(
+            metrics_port + 3, "cofeat_embed_drift_repaired_total")}
     finally:
         code = stop(supervisor)
         demo.env["COFEAT_METRICS_PORT"] = "0"
-    return {"supervisor_exit": code, "freshness": freshness}
+    return {"supervisor_exit": code, "freshness": freshness, "drift": drift}
 
 
 def wait_for_ingest(demo: Demo, timeout_s: float = 600) -> None:
@@ -102,7 +104,10 @@ def catch_up(demo: Demo) -> dict:
         demo.cofeat("refresh", "factors", "--once", log_name="refresh-final")
     demo.cofeat("refresh", "cnn", "--once", log_name="refresh-final")
     demo.cofeat("embed", "--drain", log_name="embed-drain")
-    return {}
+    verified = demo.cofeat("embed", "--verify", log_name="embed-verify", check=False,
+                           capture=True)
+    lines = (verified.stdout or "").strip().splitlines()
+    return {"verify": json.loads(lines[-1]) if lines else {"exit": verified.returncode}}
 
 
 def evaluate(demo: Demo) -> dict:
@@ -114,6 +119,17 @@ def has_factor_version(demo: Demo) -> bool:
     status = json.loads(demo.cofeat("status", "--json", capture=True).stdout)
     return any(row["kind"] == "factors" and row["status"] == "promoted"
                for row in status["versions"])
+
+
+def scrape_sum(port: int, name: str) -> float | None:
+    """The sum of a metric's samples on a /metrics endpoint (None: not reachable)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+            text = reply.read().decode()
+    except OSError:
+        return None
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name) and not line.startswith(f"{name}_created"))
 
 
 def scrape_histogram(port: int, name: str) -> dict | None:

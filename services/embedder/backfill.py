@@ -1,15 +1,15 @@
 """Filling the collections of a new CNN version, in steps, then one alias move per kind.
 
 The service interleaves `step()` with stream batches, so queries keep being served from
-the old collection and new events keep flowing. Stream writes go to both collections
-while a backfill runs; `touched` remembers what the stream wrote here, and a Postgres row
-is skipped when the stream already wrote a state at least as new (ingest may lag behind
-the embedder's own consumer, so Postgres can be older than the stream). The last minutes
-of stream events are re-applied first for the same reason.
+the old collection and new events keep flowing; stream writes reach both collections
+while a backfill runs. A fill step reads one page of live projects from Postgres and hands
+it to the writer, which skips rows the stream already wrote at the same state version.
+Nothing needs reconciling in memory: every write, from the stream or from a page, is the
+state Postgres held when it was read, and they happen one after another in one thread.
 
-Before the alias moves, the row count must equal what was written (no lost write) and
-match Postgres' live, unparked projects within the number of projects that changed
-meanwhile, in our stream or in Postgres (exactly, on a quiet stream).
+Before the alias moves, the collection is compared with Postgres id by id
+(services/embedder/reconcile.py): no missing, extra or stale row, after a bounded number
+of repairs for changes that landed meanwhile.
 """
 
 from __future__ import annotations
@@ -22,16 +22,13 @@ import numpy as np
 import psycopg
 
 from services.embedder import collections as mv
-from services.embedder import failures, metrics
-from services.embedder.encode import Encoder, Item, Result
+from services.embedder import metrics, reconcile, states
+from services.embedder.writer import Target, Writer, Written
 from shared import milvus as contract
-from shared.events import ProjectEvent
 from shared.factors import factor_version, load_factors
-from shared.retry import describe
 from shared.settings import Settings
 
 log = logging.getLogger("cofeat.embed")
-States = dict[int, tuple[int, str]]  # project_id -> (state ts, image uri) in a collection
 
 
 class BackfillFailed(RuntimeError):
@@ -42,19 +39,16 @@ class Backfill:
     """Builds `<kind>_v<model>` for the kinds whose alias is not on this version yet."""
 
     def __init__(self, settings: Settings, milvus: mv.Milvus,
-                 db: Callable[[], psycopg.Connection],
-                 encoder: Encoder, projects: bool, users: bool,
-                 replay: list[ProjectEvent] = ()):
-        self.settings, self.milvus, self.db, self.encoder = settings, milvus, db, encoder
-        self.version = encoder.version
-        self.projects = contract.collection_name(settings, contract.PROJECTS, self.version)
+                 db: Callable[[], psycopg.Connection], writer: Writer, target: Target,
+                 projects: bool, users: bool,
+                 on_written: Callable[[dict, Written], None] = lambda wanted, written: None):
+        self.settings, self.milvus, self.db, self.writer = settings, milvus, db, writer
+        self.encoder, self.on_written = target.encoder, on_written
+        self.version = target.encoder.version
+        self.projects = target.name
         self.users = contract.collection_name(settings, contract.USERS, self.version)
         self.build_projects, self.build_users = projects, users and self._users_possible()
-        self.replay = list(replay)
-        self.start_seq = 0  # project_events.seq when the backfill started
         self.after = -1  # keyset cursor over projects.project_id
-        self.touched: dict[int, int] = {}  # project_id -> ts of the state written here
-        self.states: States = {}  # project_id -> (ts, image) of each row written here
         self.user_vectors, self.user_ids = np.zeros((0, 0), np.float32), np.zeros(0, np.int64)
         self.user_rows = 0  # users written so far
         self.next_load_check = 0.0
@@ -73,9 +67,12 @@ class Backfill:
         return self.encoder.feature == "head"
 
     def start(self) -> None:
-        self.start_seq = failures.last_event_seq(self.db())
         if self.build_projects:
             mv.create_fresh(self.milvus, self.projects, contract.project_schema(self.encoder.dim))
+            # Loaded from the start: the writer asks which state versions a collection
+            # holds before embedding, and Milvus answers queries on loaded collections only.
+            mv.request_index_and_load(self.milvus, self.settings, self.projects)
+            self.phase = "prepare"
         if self.build_users:
             users = self._users()
             if users is not None:
@@ -110,15 +107,20 @@ class Backfill:
             return None
         return normalized_users(factors.user_factors, factors.user_ids)
 
-    def targets(self) -> list[str]:
-        """Collections stream writes must also reach while this backfill runs."""
-        return [self.projects] if self.build_projects else []
+    def targets(self) -> list[Target]:
+        """Collections stream writes must also reach while this backfill runs: from the
+        first fill step on (pages read after a change include it anyway)."""
+        if not self.build_projects or self.phase == "prepare":
+            return []
+        return [Target(self.projects, self.encoder)]
 
     # -- steps -----------------------------------------------------------------------
 
     def step(self) -> bool:
         """One unit of work; True once the collections are loaded and ready to verify."""
-        if self.phase == "fill":
+        if self.phase == "prepare" and self._loaded_now():
+            self.phase = "fill"
+        elif self.phase == "fill":
             if not self._fill_step():
                 self._request_load()
         elif self.phase == "loading" and time.monotonic() >= self.next_load_check:
@@ -126,6 +128,12 @@ class Backfill:
             if all(self._ready(name) for name in self._names()):
                 self.phase = "ready"
         return self.phase == "ready"
+
+    def _loaded_now(self) -> bool:
+        if time.monotonic() < self.next_load_check:
+            return False
+        self.next_load_check = time.monotonic() + 0.1
+        return mv.ensure_loading(self.milvus, self.projects) == "Loaded"
 
     def _ready(self, name: str) -> bool:
         """Loaded, and the sealed rows indexed: a swap must not leave queries scanning."""
@@ -164,19 +172,12 @@ class Backfill:
     def _fill(self, chunk: int) -> int | None:
         """Up to `chunk` projects, or one insert of users; returns the projects read, None
         when nothing is left."""
-        if self.build_projects and self.replay:
-            events = self.replay[:chunk]
-            self._replay(events)
-            self.replay = self.replay[chunk:]
-            return len(events)
         if self.build_projects and self.after is not None:
-            items = failures.live_page(self.db(), self.after, chunk,
-                                       self.settings.embed_max_attempts)
-            self._write_items([i for i in items
-                               if self.touched.get(i.project_id, -1) < i.ts_ms])
+            page = states.live_page(self.db(), self.after, chunk)
+            self.write({state.project_id: state for state in page})
             # Only after the write: a failed step is retried from the same place.
-            self.after = items[-1].project_id if items else None
-            return len(items)
+            self.after = page[-1].project_id if page else None
+            return len(page)
         if self.build_users and self.user_rows < len(self.user_ids):
             part = slice(self.user_rows, self.user_rows + self.settings.embed_insert_rows)
             rows = user_rows(self.user_vectors[part], self.user_ids[part], self.version)
@@ -184,6 +185,13 @@ class Backfill:
             self.user_rows += len(rows)
             return 0
         return None
+
+    def write(self, wanted: dict[int, states.State | None]) -> None:
+        written = self.writer.apply(wanted, self.targets())
+        self.images += written.embedded
+        self.embed_seconds += written.seconds
+        metrics.IMAGES.labels("backfill").inc(written.embedded)
+        self.on_written(wanted, written)
 
     def _chunk(self) -> int:
         """Projects for the next step: COFEAT_EMBED_BACKFILL_STEP_S of work at the recent
@@ -200,75 +208,13 @@ class Backfill:
         self.pace = pace if not self.pace else (self.pace + pace) / 2
 
     def _request_load(self) -> None:
-        self.sealed = {self.projects: len(self.states), self.users: self.user_rows}
+        rows = mv.count(self.milvus, self.projects) if self.build_projects else 0
+        self.sealed = {self.projects: rows, self.users: self.user_rows}
         for name in self._names():
             mv.request_index_and_load(self.milvus, self.settings, name)
         self.phase, self.filled_at = "loading", time.monotonic()
         log.info("backfill of v%d filled (%d projects, %d users): building index and loading",
-                 self.version, len(self.states), self.user_rows)
-
-    def _replay(self, events: list[ProjectEvent]) -> None:
-        fresh = [e for e in events if self.touched.get(e.project_id, -1) < e.ts_ms]
-        deleted = {e.project_id: e.ts_ms for e in fresh if e.type == "deleted"}
-        mv.delete(self.milvus, [self.projects], list(deleted))
-        self.note([], [], deleted)
-        published = failures.published_ms(self.db(), [e.project_id for e in fresh])
-        self._write_items([event_item(e, published) for e in fresh if e.type != "deleted"])
-        self.touch({e.project_id: e.ts_ms for e in fresh})
-
-    def _write_items(self, items: list[Item]) -> None:
-        result = embed_and_record(self.encoder, self.db(), items,
-                                  self.settings.embed_max_attempts)
-        # A failed image is the retry step's now; this state is handled here, so an older
-        # Postgres row must not be written over a later retry's row, and the check before
-        # the swap allows for it.
-        self.touch({item.project_id: item.ts_ms for item, _ in result.failed})
-        self.images += len(items)
-        self.embed_seconds += result.seconds
-        metrics.IMAGES.labels("backfill").inc(len(items))
-        # Upserts even into a fresh collection: a call that timed out may still have been
-        # applied, and Milvus does not deduplicate inserted primary keys.
-        refused = mv.upsert(self.milvus, [self.projects], result.rows,
-                            self.settings.embed_insert_rows)
-        if refused:
-            # Refused for their data: parked, so the count check leaves them out.
-            self.park([(item, f"milvus refused: {describe(error)}")
-                       for item in items for row, error in refused
-                       if row["project_id"] == item.project_id])
-            ids = {row["project_id"] for row, _ in refused}
-            result.rows = [r for r in result.rows if r["project_id"] not in ids]
-        self.record(items, result.rows)
-        metrics.BACKFILL_ROWS.set(len(self.states))
-
-    def park(self, failed: list[tuple[Item, str]]) -> None:
-        db = self.db()
-        with db.transaction(), db.cursor() as cur:
-            failures.record(cur, failed)
-            attempts = failures.park(cur, [item.project_id for item, _ in failed],
-                                     self.settings.embed_max_attempts)
-        log_failures(failed, attempts, self.settings.embed_max_attempts)
-
-    def note(self, items: list[Item], rows: list[dict], deleted: dict[int, int]) -> None:
-        """The stream wrote `rows` (of `items`) and deleted these ({project_id: event ts})
-        in our collection."""
-        self.record(items, rows)
-        ts = {item.project_id: item.ts_ms for item in items}
-        self.touch({row["project_id"]: ts[row["project_id"]] for row in rows})
-        self.touch(deleted)
-        for project_id in deleted:
-            self.states.pop(project_id, None)
-
-    def record(self, items: list[Item], rows: list[dict]) -> None:
-        """The states behind the rows just written, for `unwritten`."""
-        done = {row["project_id"] for row in rows}
-        self.states.update({item.project_id: (item.ts_ms, item.image_uri) for item in items
-                            if item.project_id in done})
-
-    def touch(self, states: dict[int, int]) -> None:
-        """States at least this new were handled here (written, deleted, or failed and
-        parked for retry): an older Postgres row must not overwrite them."""
-        for project_id, ts in states.items():
-            self.touched[project_id] = max(ts, self.touched.get(project_id, ts))
+                 self.version, rows, self.user_rows)
 
     # -- the swap --------------------------------------------------------------------
 
@@ -282,21 +228,20 @@ class Backfill:
                                      f"{self.user_rows}")
 
     def _verify_projects(self) -> None:
-        in_milvus = mv.count(self.milvus, self.projects)
-        if in_milvus != len(self.states):
-            raise BackfillFailed(f"{self.projects} holds {in_milvus} rows but {len(self.states)}"
-                                 " were written: a write was lost")
-        expected = failures.expected_count(self.db(), self.settings.embed_max_attempts)
-        # Projects changed meanwhile, by our stream or by ingest, may legitimately differ
-        # (the two consume the topic independently); every other one must match.
-        moving = set(self.touched) | failures.changed_since(self.db(), self.start_seq)
-        if abs(in_milvus - expected) > len(moving):
-            raise BackfillFailed(
-                f"{self.projects} holds {in_milvus} rows, Postgres has {expected} live unparked"
-                f" projects and only {len(moving)} changed meanwhile")
-        log.info("verified %s: %d rows (Postgres: %d live unparked, %d changed by the "
-                 "stream meanwhile, %d in all)", self.projects, in_milvus, expected,
-                 len(self.touched), len(moving))
+        """Exactly what Postgres wants, id by id. What differs is repaired, then looked at
+        again: a project whose Postgres state stayed put must now be right. One that moved
+        is in flight, and the stream writes it to both collections."""
+        drift = reconcile.compare(self.milvus, self.db, self.projects, self.version)
+        if drift:
+            log.info("%s differs from Postgres before the swap (%s): repairing",
+                     self.projects, drift.summary())
+            self.write(states.wanted_for(self.db(), drift.ids()))
+            left = reconcile.confirm(self.milvus, self.db, self.projects, self.version, drift)
+            if left:
+                raise BackfillFailed(f"{self.projects} still differs from Postgres after a "
+                                     f"repair: {left.summary()}")
+        log.info("verified %s against Postgres: no missing, extra or stale row%s",
+                 self.projects, f" ({len(drift)} repaired)" if drift else "")
 
     def swap(self) -> list[str]:
         """Move the aliases (users first, then projects); returns the collections left."""
@@ -333,27 +278,6 @@ class Backfill:
                 mv.drop(self.milvus, name)
 
 
-def unwritten(items: list[Item], states: States | None) -> list[Item]:
-    """The items whose state a collection does not hold yet. The stream re-reads events a
-    backfill already embedded from Postgres (a first model going live after minutes of
-    backlog, a stream that joined mid-backfill): embedding each again delayed the new
-    events behind them by seconds. A newer state written there wins as well."""
-    if not states:
-        return items
-
-    def held(item: Item) -> bool:
-        state = states.get(item.project_id)
-        return state is not None and (state[0] > item.ts_ms
-                                      or state == (item.ts_ms, item.image_uri))
-
-    return [item for item in items if not held(item)]
-
-
-def event_item(event: ProjectEvent, published: dict[int, int]) -> Item:
-    first = min(published.get(event.project_id, event.ts_ms), event.ts_ms)
-    return Item(event.project_id, event.owner_id, first, event.image_uri, event.ts_ms)
-
-
 def normalized_users(user_factors: np.ndarray,
                      user_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """L2-normalized user factors; users with a zero vector (no signal) are left out, as
@@ -367,34 +291,3 @@ def normalized_users(user_factors: np.ndarray,
 def user_rows(vectors: np.ndarray, user_ids: np.ndarray, version: int) -> list[dict]:
     return [{"user_id": int(u), "embedding": v.tolist(), "model_version": version}
             for u, v in zip(user_ids, vectors, strict=True)]
-
-
-def embed_and_record(encoder: Encoder, db: psycopg.Connection, items: list[Item],
-                     max_attempts: int) -> Result:
-    """Embed; record each failed image once and leave it to the embedder's retry step,
-    which tries it again after COFEAT_EMBED_RETRY_INTERVAL_S. Retrying at once, three times
-    back to back, parked images for good over a storage blip of a second."""
-    result = encoder.embed(items)
-    with db.transaction(), db.cursor() as cur:
-        attempts = failures.record(cur, result.failed)
-        failures.clear(cur, [row["project_id"] for row in result.rows])
-    if result.failed:
-        log_failures(result.failed, attempts, max_attempts)
-    return result
-
-
-def log_failures(failed: list[tuple[Item, str]], attempts: dict[int, int],
-                 max_attempts: int) -> None:
-    metrics.IMAGE_FAILURES.inc(len(failed))
-    for item, reason in failed:
-        count = attempts[item.project_id]
-        parked = count >= max_attempts
-        if parked:
-            metrics.PARKED.inc()
-        if count == 0:
-            log.warning("project %d: image %s unavailable (%s): retried later, never parked "
-                        "for that", item.project_id, item.image_uri, reason)
-            continue
-        log.warning("project %d: image %s unreadable (%s), attempt %d of %d%s",
-                    item.project_id, item.image_uri, reason, count, max_attempts,
-                    ": parked" if parked else "")

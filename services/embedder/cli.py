@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 
@@ -13,6 +14,14 @@ def main(
         False, "--drain",
         help="Do any pending backfill and alias swap, catch up on the stream, exit "
         "(after waiting for the leader lock, like any replica)."),
+    verify: bool = typer.Option(
+        False, "--verify",
+        help="Compare the live projects collection with Postgres (missing, extra and stale "
+        "ids); exit 1 on drift. Reads only."),
+    repair: bool = typer.Option(
+        False, "--repair",
+        help="Like --verify, then write what Postgres says for every drifted id (needs the "
+        "leader lock: a running embedder repairs by itself)."),
 ) -> None:
     """Embed live projects with the promoted CNN into Milvus and keep them current."""
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: halves CPU/image
@@ -26,6 +35,12 @@ def main(
     use_threads(settings.embed_torch_threads)
     # pymilvus logs every failed RPC with a traceback; outages are logged once per interval.
     logging.getLogger("pymilvus").setLevel(logging.CRITICAL)
+    if verify or repair:
+        from services.embedder.checks import run_check
+
+        code, result = run_check(settings, repair)
+        typer.echo(json.dumps(result))
+        raise SystemExit(code)
     # Replicas are active/standby: this waits for the leader lock before touching Kafka or
     # Milvus, and goes back to waiting if it loses the lock.
     replica = Replica(settings, drain=drain)

@@ -92,8 +92,8 @@ class Milvus:
 
 
 def version_of(settings: Settings, kind: str, name: str) -> int | None:
-    match = re.fullmatch(re.escape(contract.collection_name(settings, kind, 0)[:-1]) + r"(\d+)",
-                         name)
+    match = re.fullmatch(re.escape(contract.collection_name(settings, kind, 0)[:-1])
+                         + r"(\d+)(?:_\d+)?", name)
     return int(match.group(1)) if match else None
 
 
@@ -152,6 +152,51 @@ def delete(milvus: Milvus, names: list[str], ids: list[int]) -> None:
         for name in names:
             milvus.call(lambda c, name=name: c.delete(name, ids=ids),
                         f"delete of {len(ids)} ids from {name}")
+
+
+QUERY_WINDOW = 16_384  # Milvus 2.3 answers at most this many rows per query
+
+
+def _rows(milvus: Milvus, name: str, expr: str,
+          consistency: str) -> dict[int, tuple[int, int]]:
+    rows = milvus.call(lambda c: c.query(
+        name, filter=expr, output_fields=[contract.STATE_VERSION, "model_version"],
+        limit=QUERY_WINDOW, consistency_level=consistency))
+    return {int(r[contract.PROJECT_KEY]): (int(r[contract.STATE_VERSION]),
+                                           int(r["model_version"])) for r in rows}
+
+
+def held_versions(milvus: Milvus, name: str, ids: list[int]) -> dict[int, int]:
+    """{project_id: state_version} of the rows `name` holds among `ids`. Session consistency:
+    every write this client made is seen, without Strong's wait for the whole cluster."""
+    if not ids:
+        return {}
+    rows = _rows(milvus, name, f"{contract.PROJECT_KEY} in {list(ids)}", "Session")
+    return {pid: state for pid, (state, _) in rows.items()}
+
+
+def rows_with_ids(milvus: Milvus, name: str, ids: list[int]) -> dict[int, tuple[int, int]]:
+    """{project_id: (state_version, model_version)}, read Strong: a check must see every
+    acknowledged write, whoever made it."""
+    return _rows(milvus, name, f"{contract.PROJECT_KEY} in {list(ids)}", "Strong") if ids else {}
+
+
+def rows_between(milvus: Milvus, name: str, low: int, high: int,
+                 consistency: str = "Strong") -> dict[int, tuple[int, int]]:
+    """Like rows_with_ids, for low <= id <= high; a full window is split in two and each
+    half asked again."""
+    expr = f"{contract.PROJECT_KEY} >= {low} and {contract.PROJECT_KEY} <= {high}"
+    rows = _rows(milvus, name, expr, consistency)
+    if len(rows) >= QUERY_WINDOW and low < high:
+        middle = low + (high - low) // 2
+        return (rows_between(milvus, name, low, middle, consistency)
+                | rows_between(milvus, name, middle + 1, high, consistency))
+    return rows
+
+
+def has_field(milvus: Milvus, name: str, field: str) -> bool:
+    schema = milvus.call(lambda c: c.describe_collection(name))
+    return any(f["name"] == field for f in schema["fields"])
 
 
 def request_index_and_load(milvus: Milvus, settings: Settings, name: str) -> None:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from services.embedder.states import State
 from shared.cnn import load_cnn
 from shared.images import ImageError, ImageReader, ordered
 from shared.settings import Settings
@@ -28,21 +29,10 @@ log = logging.getLogger("cofeat.embed")
 WORKERS_FROM = 256
 
 
-@dataclass(frozen=True)
-class Item:
-    """One project to embed: what its Milvus row needs besides the vector."""
-
-    project_id: int
-    owner_id: int
-    published_ms: int
-    image_uri: str
-    ts_ms: int  # the state's own time: event ts or projects.updated_at
-
-
 @dataclass
 class Result:
     rows: list[dict]
-    failed: list[tuple[Item, str]]  # (item, reason)
+    failed: list[tuple[State, str]]  # (item, reason)
     seconds: float
 
 
@@ -90,7 +80,7 @@ class Encoder:
                  config.backbone, self.feature, self.dim, self.device)
 
     @torch.inference_mode()
-    def embed(self, items: list[Item]) -> Result:
+    def embed(self, items: list[State]) -> Result:
         started = time.perf_counter()
         size = self.model.config.image_size
         decoded = self._decode(items, size)
@@ -106,7 +96,7 @@ class Encoder:
                                                                              strict=True)]
         return Result(rows, failed, time.perf_counter() - started)
 
-    def _decode(self, items: list[Item], size: int) -> Iterator[tuple]:
+    def _decode(self, items: list[State], size: int) -> Iterator[tuple]:
         """Decoded images in order. The reader fetches concurrently; a thread pool decodes
         ahead while the model runs (PIL releases the GIL while decoding; threads, unlike
         DataLoader processes, are not forked from a process holding gRPC and Kafka client
@@ -129,7 +119,7 @@ class Encoder:
         with autocast(batch.device):
             return self.model.embed(batch).float().cpu().numpy()
 
-    def row(self, item: Item, vector: np.ndarray) -> dict:
+    def row(self, item: State, vector: np.ndarray) -> dict:
         return {"project_id": item.project_id, "embedding": vector.tolist(),
                 "model_version": self.version, "owner_id": item.owner_id,
-                "published_at": item.published_ms}
+                "published_at": item.published_ms, "state_version": item.version}

@@ -4,7 +4,8 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from shared.metrics import MODEL_VERSION
 
-EVENTS = Counter("cofeat_embed_events_total", "Project events consumed", ["result"])
+EVENTS = Counter("cofeat_embed_events_total", "Project events consumed: applied, failed, "
+                 "invalid, released (applied before ingest had stored them)", ["result"])
 FRESHNESS = Histogram(
     "cofeat_embed_freshness_seconds",
     "Project event produced (Kafka timestamp) to Milvus acknowledging its write",
@@ -12,7 +13,11 @@ FRESHNESS = Histogram(
     buckets=(0.1, 0.25, 0.5, 0.75, 1, 1.25, 1.5, 2, 2.5, 3, 4, 5, 7.5, 10, 30, 60, 300, 3600))
 IMAGES = Counter("cofeat_embed_images_total", "Images embedded", ["phase"])
 ALREADY_WRITTEN = Counter("cofeat_embed_already_written_total",
-                          "Stream states not embedded again: a backfill had written them")
+                          "Changes not embedded again: the collection held that state")
+DRIFT = Gauge("cofeat_embed_drift", "Ids the last reconciliation found wrong in the live "
+              "collection, confirmed twice, before repairing them", ["kind"])
+DRIFT_REPAIRED = Counter("cofeat_embed_drift_repaired_total",
+                         "Ids the periodic reconciliation repaired")
 IMAGES_PER_SECOND = Gauge("cofeat_embed_images_per_second",
                           "Images/s over the last reporting interval", ["phase"])
 IMAGE_FAILURES = Counter("cofeat_embed_image_failures_total",

@@ -12,6 +12,7 @@ from sqlalchemy import (
     Index,
     Integer,
     MetaData,
+    Sequence,
     SmallInteger,
     Table,
     Text,
@@ -95,15 +96,19 @@ project_events = Table(
 )
 
 # The latest state per project, derived from project_events in the same transaction.
+project_state_version = Sequence("project_state_version", metadata=metadata)
 projects = Table(
     "projects", metadata,
-    Column("project_id", BigInteger, primary_key=True),
+    Column("project_id", BigInteger, primary_key=True, autoincrement=False),
     Column("owner_id", BigInteger, nullable=False),
     Column("image_uri", Text, nullable=False),
     Column("status", Text, nullable=False),
     Column("published_at", DateTime(timezone=True), nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False),
     Column("last_event_id", Text, nullable=False),
+    Column("state_version", BigInteger, nullable=False,
+           server_default=text("nextval('project_state_version')"),
+           comment="new on every state change (ingest); Milvus rows carry the one they show"),
     CheckConstraint("status IN ('live', 'deleted')", name="projects_status_known"),
 )
 
@@ -139,17 +144,14 @@ model_versions = Table(
 )
 
 # Project images the embedder could not read or decode: retried up to
-# COFEAT_EMBED_MAX_ATTEMPTS times, then parked (left out of Milvus) until a later
-# successful embed, e.g. an `updated` event with a fixed image, removes the row.
+# COFEAT_EMBED_MAX_ATTEMPTS times, then parked (left out of Milvus) until the project's
+# state changes (an `updated` event with a fixed image) or a later embed succeeds.
 embed_failures = Table(
     "embed_failures", metadata,
-    Column("project_id", BigInteger, primary_key=True),
+    Column("project_id", BigInteger, primary_key=True, autoincrement=False),
     Column("image_uri", Text, nullable=False),
-    # The rest of the failed state, so a retry needs no other table (ingest may lag).
-    Column("owner_id", BigInteger, nullable=False),
-    Column("published_at", DateTime(timezone=True), nullable=False),
-    Column("event_ts", DateTime(timezone=True), nullable=False,
-           comment="ts of the event whose image failed"),
+    Column("state_version", BigInteger, nullable=False,
+           comment="the projects.state_version whose image failed"),
     Column("reason", Text, nullable=False),
     Column("attempts", Integer, nullable=False,
            comment="parked once attempts reach COFEAT_EMBED_MAX_ATTEMPTS"),

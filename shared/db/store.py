@@ -60,7 +60,8 @@ WITH new AS (
         image_uri = CASE WHEN EXCLUDED.status = 'deleted' THEN p.image_uri
                          ELSE EXCLUDED.image_uri END,
         status = EXCLUDED.status, updated_at = EXCLUDED.updated_at,
-        last_event_id = EXCLUDED.last_event_id
+        last_event_id = EXCLUDED.last_event_id,
+        state_version = nextval('project_state_version')
     WHERE p.updated_at <= EXCLUDED.updated_at
     RETURNING 1
 )

@@ -15,7 +15,9 @@ from PIL import Image
 from pymilvus import MilvusClient
 
 from shared import milvus as contract
+from shared import topics
 from shared.artifacts import version_dir, write_json
+from shared.events import ProjectEvent, project_key, project_value
 from shared.factors import Factors, write_factors
 from shared.milvus import drop_prefixed as drop_milvus_prefix
 from shared.settings import Settings
@@ -58,6 +60,12 @@ def env(settings: Settings, **extra: str) -> dict[str, str]:
 
 def start_embed(settings: Settings, log: Path, *args: str, **extra) -> subprocess.Popen:
     return start(cofeat("embed", *args), env(settings, **extra), log)
+
+
+def start_ingest(settings: Settings, log: Path, **extra) -> subprocess.Popen:
+    """Ingest beside the embedder, as deployed: the embedder applies only what the store
+    holds, so events it reads wait until ingest has stored them."""
+    return start(cofeat("ingest"), env(settings, **extra), log)
 
 
 # -- model and factor versions ------------------------------------------------------------
@@ -180,3 +188,87 @@ def failures(db_url: str) -> dict[int, tuple]:
     with psycopg.connect(db_url) as conn:
         return {r[0]: r[1:] for r in conn.execute(
             "SELECT project_id, attempts, reason FROM embed_failures").fetchall()}
+
+
+# -- the stream, with ingest's store function in process ----------------------------------
+
+
+class Platform:
+    """Project events as the embedder sees them: produced to the real topic, and stored by
+    the store function ingest uses (`write_batch`, with ingest's offsets) only when a test
+    says so, so the test decides exactly how far ingest lags."""
+
+    def __init__(self, settings: Settings, db_url: str):
+        from kafka import KafkaProducer
+
+        from shared.kafka.config import producer_config
+
+        self.settings, self.db_url = settings, db_url
+        self.producer = KafkaProducer(**producer_config(settings, linger_ms=0))
+        self.topic = topics.projects(settings.topic_prefix)
+        self.unstored: list[tuple[ProjectEvent, int, int]] = []  # (event, partition, offset)
+        self.sent_to: dict[tuple[str, int], int] = {}  # next offset per partition
+
+    def send(self, *events: ProjectEvent) -> None:
+        for event in events:
+            meta = self.producer.send(self.topic, key=project_key(event),
+                                      value=project_value(event)).get(30)
+            self.unstored.append((event, meta.partition, meta.offset))
+            self.sent_to[(self.topic, meta.partition)] = meta.offset + 1
+
+    def ingest(self, count: int | None = None) -> None:
+        """Store the oldest `count` unstored events (all: None), in order, as ingest would."""
+        from shared.db.store import write_batch
+
+        count = len(self.unstored) if count is None else count
+        batch, self.unstored = self.unstored[:count], self.unstored[count:]
+        if not batch:
+            return
+        offsets: dict[tuple[str, int], int] = {}
+        for _, partition, offset in batch:
+            key = (self.topic, partition)
+            offsets[key] = max(offsets.get(key, 0), offset + 1)
+        with psycopg.connect(self.db_url) as conn:
+            write_batch(conn, [], [event for event, _, _ in batch], self.settings.ingest_group,
+                        offsets)
+
+    def close(self) -> None:
+        self.producer.close(10)
+
+
+def live_ids(db_url: str) -> dict[int, int]:
+    """{project_id: state_version} Postgres wants in the collection."""
+    with psycopg.connect(db_url) as conn:
+        return dict(conn.execute(
+            "SELECT p.project_id, p.state_version FROM projects p WHERE p.status = 'live' "
+            "AND NOT EXISTS (SELECT 1 FROM embed_failures f WHERE f.project_id = p.project_id "
+            "AND f.state_version = p.state_version)").fetchall())
+
+
+def held(c: MilvusClient, name: str) -> dict[int, int]:
+    """{project_id: state_version} the collection (or alias) holds, read Strong."""
+    found = c.query(name, filter="project_id >= 0", output_fields=["state_version"],
+                    consistency_level="Strong", limit=16384)
+    return {r["project_id"]: r["state_version"] for r in found}
+
+
+def settle(embedder, platform: Platform | None = None, timeout_s: float = 90.0,
+           until=None) -> None:
+    """Turn the in-process embedder until it has read everything `platform` sent, is caught
+    up, has no backfill and serves a model (or until `until()` holds)."""
+    deadline = time.monotonic() + timeout_s
+
+    def read_all() -> bool:
+        if platform is None:
+            return True
+        if embedder.stream is None or not embedder.stream.source.joined:
+            return False
+        return all(embedder.stream.source.position(*tp) >= offset
+                   for tp, offset in platform.sent_to.items())
+
+    done = until or (lambda: (embedder.lifecycle.backfill is None
+                              and embedder.lifecycle.live is not None
+                              and read_all() and embedder.caught_up()))
+    while not done():
+        assert time.monotonic() < deadline, "the embedder did not settle"
+        embedder.turn()

@@ -112,14 +112,13 @@ def test_crashed_backfill_keeps_old_alias_and_restart_rebuilds(esettings, db_url
     # v2 serves penultimate features: 128-d, not factor space.
     v2 = make_cnn(settings, db_url, seed=2, feature="penultimate", factor_version=factors)
     crashed = Embedder(settings, drain=True)
-    crashed.discover()
-    crashed.check_model()
-    for _ in range(2):
-        crashed.backfill.step()
+    crashed.start()
+    crashed.lifecycle.check_model()
+    while crashed.lifecycle.backfill.images < 8:
+        crashed.lifecycle.backfill.step()
     crashed.milvus.close()  # dies here: no verification, no swap
     partial = f"{settings.milvus_prefix}{PROJECTS}_v{v2}"
-    c.flush(partial)  # not loaded, not queryable: its row count is in its stats
-    assert int(c.get_collection_stats(partial)["row_count"]) == 8
+    assert count(c, partial) == 8
     assert alias_target(c, settings, PROJECTS) == f"{settings.milvus_prefix}{PROJECTS}_v{v1}"
     assert count(c, alias) == 20
 
@@ -135,49 +134,27 @@ def test_crashed_backfill_keeps_old_alias_and_restart_rebuilds(esettings, db_url
     c.close()
 
 
-def test_backfill_prefers_newer_stream_states_over_postgres(esettings, db_url):
-    """Ingest may lag behind the embedder's own consumer: Postgres still holds the old
-    image of project 1 and the deleted project 2, and has not seen project 50 at all."""
-    import psycopg
+def test_a_collection_of_an_older_schema_is_rebuilt_beside_it(esettings, db_url):
+    """Written by a cofeat before state versions: the alias is on it, so it is not rebuilt
+    in place; the same model fills `..._v<model>_1`, the alias moves, the old one goes."""
+    from pymilvus import DataType, MilvusClient
 
-    from services.embedder import collections as mv
-    from services.embedder.backfill import Backfill
-    from services.embedder.encode import Encoder
-    from shared.cnn import cnn_version
-    from shared.events import ProjectEvent
-    from tests.services.embedder.conftest import (
-        NOW_MS,
-        expected_vectors,
-        make_image,
-        rows,
-    )
-
-    settings = esettings.model_copy(update={"embed_backfill_chunk": 2})
-    paths = seed_projects(settings, db_url, 4)
-    version = make_cnn(settings, db_url, seed=1)
-    newer = make_image(settings.data_dir / "images" / "1-new.png", 77)
-    now = NOW_MS()
-    replay = [ProjectEvent("u1", "updated", 1, 101, newer, now),  # applied before the start
-              ProjectEvent("p50", "published", 50, 9, paths[4], now)]
-    milvus = mv.Milvus(settings)
-    with psycopg.connect(db_url, autocommit=True) as conn:
-        encoder = Encoder(settings, cnn_version(conn, version))
-        backfill = Backfill(settings, milvus, lambda: conn, encoder, True, False, replay)
-        backfill.start()
-        backfill.step()  # the replayed events first
-        mv.delete(milvus, backfill.targets(), [2])  # the stream deletes 2 meanwhile
-        backfill.note([], [], {2: now})
-        while not backfill.step():
-            pass
-        backfill.verify()
-        backfill.swap()
-    milvus.close()
-    c = client(settings)
-    found = rows(c, contract.alias(settings, PROJECTS))
+    ensure_topics(esettings)
+    seed_projects(esettings, db_url, 5)
+    version = make_cnn(esettings, db_url, seed=1)
+    c = client(esettings)
+    old = f"{esettings.milvus_prefix}{PROJECTS}_v{version}"
+    schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+    schema.add_field("project_id", DataType.INT64, is_primary=True)
+    schema.add_field("embedding", DataType.FLOAT_VECTOR, dim=8)
+    schema.add_field("model_version", DataType.INT64)
+    c.create_collection(old, schema=schema)
+    c.create_alias(old, contract.alias(esettings, PROJECTS))
+    assert drain(esettings) == 0
+    assert alias_target(c, esettings, PROJECTS) == f"{old}_1"
+    assert count(c, contract.alias(esettings, PROJECTS)) == 5
+    assert not c.has_collection(old)
     c.close()
-    assert set(found) == {1, 3, 4, 50}
-    want = expected_vectors(settings, version, [newer])[0]
-    assert np.dot(found[1]["embedding"], want) > 0.999  # not Postgres' older image
 
 
 def test_an_index_that_never_catches_up_delays_the_swap_only_so_long(esettings, db_url):
@@ -191,24 +168,25 @@ def test_an_index_that_never_catches_up_delays_the_swap_only_so_long(esettings, 
     from services.embedder import collections as mv
     from services.embedder.backfill import Backfill
     from services.embedder.encode import Encoder
+    from services.embedder.writer import Target, Writer
     from shared.cnn import cnn_version
 
     settings = esettings.model_copy(update={"embed_index_wait_s": 30.0})
     version = make_cnn(settings, db_url, seed=2)
     milvus = mv.Milvus(settings)
     with psycopg.connect(db_url, autocommit=True) as conn:
-        backfill = Backfill(settings, milvus, lambda: conn,
-                            Encoder(settings, cnn_version(conn, version)), True, False)
-        backfill.start()
+        target = Target(contract.collection_name(settings, PROJECTS, version),
+                        Encoder(settings, cnn_version(conn, version)))
+        backfill = Backfill(settings, milvus, lambda: conn, Writer(settings, milvus), target,
+                            True, False)
+        backfill.start()  # created, indexed and loading
         name = backfill.projects
-        rows_in = [{"project_id": i, "embedding": [1.0] + [0.0] * 7, "model_version": version,
-                    "owner_id": 1, "published_at": 0} for i in range(3)]
-        mv.upsert(milvus, [name], rows_in, 100)
-        milvus.call(lambda c: c.create_index(name, contract.index_params(settings)))
-        mv.load(milvus, name)
-        backfill.sealed = {name: 3}
         while mv.ensure_loading(milvus, name) != "Loaded":
             time.sleep(0.2)
+        rows_in = [{"project_id": i, "embedding": [1.0] + [0.0] * 7, "model_version": version,
+                    "owner_id": 1, "published_at": 0, "state_version": 1} for i in range(3)]
+        mv.upsert(milvus, [name], rows_in, 100)
+        backfill.sealed = {name: 3}
         assert not mv.index_caught_up(milvus, name)
         backfill.filled_at = time.monotonic()  # filled just now
         assert not backfill._ready(name)  # loaded, but the index has not caught up yet
@@ -219,56 +197,58 @@ def test_an_index_that_never_catches_up_delays_the_swap_only_so_long(esettings, 
 
 
 def test_the_stream_skips_states_the_backfill_already_embedded(esettings, db_url):
-    """A stream that (re)reads the events behind a backfill's Postgres rows, as the first
-    model going live after a backlog does, embeds only what the backfill did not write."""
-    import time
-
+    """The first model going live after a backlog: the backfill embeds what Postgres holds,
+    then the stream reads the same events again; it looks each project's state version up
+    and embeds only what changed since (3's newer image, 50 stored after the page)."""
     from services.embedder import metrics
     from shared.events import ProjectEvent
     from shared.metrics import MODEL_VERSION
-    from tests.helpers import Producer
-    from tests.services.embedder.conftest import NOW_MS, expected_vectors, make_image, rows
+    from tests.services.embedder.conftest import (
+        NOW_MS,
+        Platform,
+        expected_vectors,
+        make_image,
+        rows,
+        settle,
+    )
 
     ensure_topics(esettings)
     images, ts = esettings.data_dir / "images", NOW_MS() - 60_000
     images.mkdir(exist_ok=True)
     paths = {pid: make_image(images / f"{pid}.png", pid) for pid in range(1, 7)}
-    insert_projects(db_url, [(pid, 7, path) for pid, path in paths.items()], ts_ms=ts)
+    platform = Platform(esettings, db_url)
+    platform.send(*(ProjectEvent(f"p{pid}", "published", pid, 7, path, ts)
+                    for pid, path in paths.items()))
+    platform.ingest()
     version = make_cnn(esettings, db_url, seed=3)
     embedder = Embedder(esettings, drain=True)
-    embedder.discover()
-    embedder.check_model()
-    while embedder.backfill.phase == "fill":  # the backfill writes Postgres' rows first
-        embedder.backfill.step()
-
+    embedder.start()
+    embedder.lifecycle.check_model()
+    backfill = embedder.lifecycle.backfill
+    while backfill.phase in ("prepare", "fill"):  # Postgres' rows first
+        backfill.step()
     newer = make_image(images / "3-new.png", 33)
-    events = [ProjectEvent(f"p{pid}", "published", pid, 7, path, ts)
-              for pid, path in paths.items()]
-    events += [ProjectEvent("u3", "updated", 3, 7, newer, ts + 1000),  # Postgres lags
-               ProjectEvent("p50", "published", 50, 7, paths[1], ts)]  # not in Postgres yet
-    producer = Producer(esettings)
-    producer.projects_(events)
-    producer.flush()
-    producer.close()
+    platform.send(ProjectEvent("u3", "updated", 3, 7, newer, ts + 1000),
+                  ProjectEvent("p50", "published", 50, 7, paths[1], ts))
+    platform.ingest()
     skipped_before = metrics.ALREADY_WRITTEN._value.get()
-    deadline = time.monotonic() + 60
+    images_before = metrics.IMAGES.labels("stream")._value.get()
     try:
-        while not (embedder.drained() and embedder.live is not None):
-            assert time.monotonic() < deadline, "the embedder did not drain in 60 s"
-            embedder.step()
+        settle(embedder, platform, timeout_s=60)
     finally:
         embedder.close()
+        platform.close()
 
     # What the version-skew alert compares with refresh's promoted version.
     assert MODEL_VERSION.labels("cnn", "embed")._value.get() == version
-    # Projects 1, 2, 4, 5, 6 (and 3's first event, when it came in a batch of its own).
-    assert metrics.ALREADY_WRITTEN._value.get() - skipped_before >= 5
+    assert metrics.ALREADY_WRITTEN._value.get() - skipped_before >= 5  # 1, 2, 4, 5, 6
+    assert metrics.IMAGES.labels("stream")._value.get() - images_before <= 2  # 3 and 50
     c = client(esettings)
     found = rows(c, contract.alias(esettings, PROJECTS))
     c.close()
     assert set(found) == {1, 2, 3, 4, 5, 6, 50}
     want = expected_vectors(esettings, version, [newer, paths[1]])
-    assert np.dot(found[3]["embedding"], want[0]) > 0.999  # the stream's newer image
+    assert np.dot(found[3]["embedding"], want[0]) > 0.999
     assert np.dot(found[50]["embedding"], want[1]) > 0.999
 
 
@@ -315,12 +295,12 @@ def test_a_backfill_records_a_failure_once_and_leaves_it_to_the_interval(esettin
     make_cnn(settings, db_url, seed=1, factor_version=make_factors(settings, db_url, [1]))
     embedder = Embedder(settings)  # the long-running embedder, not a drain
     try:
-        embedder.discover()
-        embedder.check_model()
+        embedder.start()
+        embedder.lifecycle.check_model()
         deadline = time.monotonic() + 60
-        while embedder.backfill is not None and time.monotonic() < deadline:
-            embedder.step()
-        assert embedder.live is not None, "the backfill did not finish"
+        while embedder.lifecycle.backfill is not None and time.monotonic() < deadline:
+            embedder.lifecycle.backfill_step()
+        assert embedder.lifecycle.live is not None, "the backfill did not finish"
         assert failures(db_url)[9][0] == 1  # once, not max_attempts times back to back
         embedder.next_retry = 0.0
         embedder.retry_step()

@@ -13,7 +13,7 @@ from tests.services.embedder.conftest import DIM, client
 
 def row(project_id: int, **fields) -> dict:
     return {"project_id": project_id, "embedding": [0.1] * DIM, "model_version": 1,
-            "owner_id": 7, "published_at": 1_750_000_000_000} | fields
+            "owner_id": 7, "published_at": 1_750_000_000_000, "state_version": 1} | fields
 
 
 def test_refused_rows_are_found_and_the_rest_written(esettings):
@@ -47,16 +47,21 @@ def test_refused_rows_are_found_and_the_rest_written(esettings):
 def test_refused_rows_are_parked_at_once(esettings, db_url):
     import psycopg
 
-    from services.embedder.encode import Item
-    from services.embedder.service import commit
-    from tests.services.embedder.conftest import failures
+    from services.embedder import failures as store
+    from services.embedder.states import State
+    from services.embedder.writer import Written
+    from tests.services.embedder.conftest import failures, insert_projects
 
-    items = [Item(pid, 7, 1_750_000_000_000, f"/{pid}.png", 1_750_000_000_000)
-             for pid in (1, 2)]
+    insert_projects(db_url, [(1, 7, "/1.png"), (2, 7, "/2.png")])
     with psycopg.connect(db_url) as conn:
-        commit(conn, esettings, {("t", 0): 5},
-               [(items[0], "milvus refused: MilvusException: NaN"),
-                (items[1], "OSError: unreadable")], [], refused=[1])
+        versions = dict(conn.execute("SELECT project_id, state_version FROM projects"))
+    states = {pid: State(pid, True, 7, 1_750_000_000_000, f"/{pid}.png", versions[pid])
+              for pid in (1, 2)}
+    written = Written(failed={1: (states[1], "milvus refused: MilvusException: NaN"),
+                              2: (states[2], "not an image: cannot identify image file")},
+                      refused={1})
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        store.commit(conn, esettings, written, states, {("t", 0): 5})
     parked = failures(db_url)
     assert parked[1] == (esettings.embed_max_attempts, "milvus refused: MilvusException: NaN")
     assert parked[2][0] == 1  # an unreadable image is retried, not parked

@@ -23,6 +23,7 @@ from tests.services.embedder.conftest import (
     make_image,
     seed_projects,
     start_embed,
+    start_ingest,
 )
 from tests.services.embedder.test_stream import event, metric, visible
 
@@ -53,6 +54,7 @@ def test_standby_takes_over_from_a_killed_leader(esettings, db_url, tmp_path):
         producer.flush()
 
     a = start_embed(esettings, log_a, COFEAT_METRICS_PORT=str(port_a), **POLL)
+    ingest = start_ingest(esettings, tmp_path / "ingest.log")
     b = standby = None
     try:
         wait_until(lambda: alias_target(c, esettings, contract.PROJECTS) is not None, 90,
@@ -95,7 +97,7 @@ def test_standby_takes_over_from_a_killed_leader(esettings, db_url, tmp_path):
     finally:
         producer.close()
         c.close()
-        for proc in (a, b, standby):
+        for proc in (a, b, standby, ingest):
             if proc is not None and proc.poll() is None:
                 proc.kill()
                 proc.wait(10)

@@ -24,6 +24,7 @@ from tests.services.embedder.conftest import (
     rows,
     seed_projects,
     start_embed,
+    start_ingest,
 )
 from tests.services.embedder.test_stream import event, visible
 
@@ -55,6 +56,7 @@ def test_milvus_outage_loses_nothing(esettings, db_url, tmp_path):
     port = free_port()
     proc = start_embed(via_proxy, log, COFEAT_METRICS_PORT=str(port),
                        COFEAT_KAFKA_MAX_POLL_INTERVAL_MS=str(MAX_POLL_MS))
+    ingest = start_ingest(esettings, tmp_path / "ingest.log")
     try:
         wait_until(lambda: alias_target(c, esettings, contract.PROJECTS) is not None, 90,
                    "backfill")
@@ -91,8 +93,9 @@ def test_milvus_outage_loses_nothing(esettings, db_url, tmp_path):
         assert visible(c, alias, range(300, 310)) == set(range(300, 310))
         assert stored_offsets(db_url, esettings.embed_group) == before + 20
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        for running in (proc, ingest):
+            if running.poll() is None:
+                running.kill()
         producer.close()
         c.close()
         proxy.close()
@@ -149,6 +152,7 @@ def test_milvus_restart_while_streaming_loses_nothing(esettings, db_url, tmp_pat
     log, group = tmp_path / "embed.log", esettings.embed_group
     alias = contract.alias(esettings, contract.PROJECTS)
     proc, c = start_embed(esettings, log), client(esettings)
+    ingest = start_ingest(esettings, tmp_path / "ingest.log")
     try:
         wait_until(lambda: alias_target(c, esettings, contract.PROJECTS) is not None, 90,
                    "backfill")
@@ -179,8 +183,10 @@ def test_milvus_restart_while_streaming_loses_nothing(esettings, db_url, tmp_pat
     finally:
         events.producer.close()
         c.close()
+        ingest.send_signal(signal.SIGTERM)
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(30)
+        ingest.wait(30)
     assert code == 0
     text = log.read_text()
     assert "milvus unavailable" in text and "milvus back after" in text

@@ -7,35 +7,55 @@ import pytest
 
 from services.embedder.backfill import Backfill, normalized_users, user_rows
 from services.embedder.collections import version_of
-from services.embedder.encode import Encoder, Item
-from services.embedder.stream import Recent, latest_per_project
-from shared.events import ProjectEvent
+from services.embedder.encode import Encoder
+from services.embedder.reconcile import Drift, _diff
+from services.embedder.states import LEAVE, State, wanted
+from services.embedder.stream import Change, IngestGate, Stream, observe
+from services.embedder.writer import Target, Written
+from shared import milvus as contract
 from shared.images import REFUSED
 from shared.settings import Settings
 from shared.vision import ModelConfig, build_model, save_model
 from tests.services.embedder.conftest import make_corrupt, make_image
 
 
-def ev(pid: int, ts: int, kind: str = "published", n: int = 0) -> ProjectEvent:
-    return ProjectEvent(f"{pid}-{ts}-{n}", kind, pid, 1, f"/{pid}-{ts}.png", ts)
+def state(pid: int, uri: str, version: int = 1, owner: int = 10, published: int = 100,
+          live: bool = True, failure: str | None = None) -> State:
+    return State(pid, live, owner, published, uri, version, failure)
 
 
-def test_latest_per_project_orders_by_ts_like_ingest():
-    events = [ev(1, 10), ev(1, 30, "updated"), ev(1, 20, "deleted"), ev(2, 5), ev(2, 5, n=1)]
-    latest = {e.project_id: e for e in latest_per_project(events)}
-    assert latest[1].ts_ms == 30 and latest[1].type == "updated"
-    assert latest[2].event_id == "2-5-1"  # same ts: the later one wins
-    recent = Recent(60)
-    recent.add([ev(3, 100)])
-    assert latest_per_project([ev(3, 50, "deleted")], recent) == []  # older than applied
+def change(pid: int, offset: int, produced: int = 1_000, partition: int = 0) -> Change:
+    return Change(pid, f"e{pid}-{offset}", "t.projects", partition, offset, produced)
 
 
-def test_recent_forgets_after_its_window():
-    recent = Recent(0.0)
-    recent.add([ev(1, 10)])
-    recent.add([ev(2, 10)])
-    assert [e.project_id for e in recent.snapshot()] == [2]
-    assert recent.ts(1) == -1
+def test_only_live_healthy_states_are_wanted():
+    assert wanted(state(1, "/a.png")) == state(1, "/a.png")
+    assert wanted(state(1, "/a.png", live=False)) is None
+    assert wanted(state(1, "/a.png", failure="permanent")) is None  # broken: no row
+    assert wanted(state(1, "/a.png", failure="transient")) is LEAVE  # until storage answers
+    assert wanted(None) is None  # Postgres does not know it: no row
+
+
+def test_diff_names_missing_extra_and_stale_ids():
+    drift = Drift()
+    expected = {1: 5, 2: 6, 3: 7}
+    held = {1: (5, 9), 2: (4, 9), 3: (7, 8), 4: (1, 9)}  # 2: old state, 3: old model
+    _diff(expected, held, 9, drift)
+    _diff({10: 1}, {}, 9, drift)
+    assert (drift.missing, sorted(drift.stale), drift.extra) == ([10], [2, 3], [4])
+    assert len(drift) == 4 and drift.ids() == [2, 3, 4, 10]
+    assert drift.seen == {2: 6, 3: 7, 4: None, 10: 1}
+
+
+def test_stored_offsets_never_pass_a_change_waiting_for_ingest():
+    stream = Stream.__new__(Stream)
+    stream.gate = IngestGate(Settings())
+    stream.read_to = {("t.projects", 0): 10, ("t.projects", 1): 7}
+    stream.stored = {("t.projects", 1): 7}
+    stream.gate.add([change(1, 4), change(2, 6), change(3, 2, partition=1)])
+    assert stream._offsets() == {("t.projects", 0): 4, ("t.projects", 1): 2}
+    stream.gate.waiting.clear()
+    assert stream._offsets() == {("t.projects", 0): 10}
 
 
 def test_user_rows_are_normalized_and_skip_zero_vectors():
@@ -52,11 +72,15 @@ def test_version_of_reads_only_our_names():
     assert version_of(settings, "cofeat_projects", "t2_cofeat_projects_v12") is None
     assert version_of(settings, "cofeat_projects", "t1_cofeat_users_v12") is None
     assert version_of(settings, "cofeat_projects", "t1_cofeat_projects_v1x") is None
+    rebuilt = contract.collection_name(settings, "cofeat_projects", 12, rebuild=2)
+    assert rebuilt == "t1_cofeat_projects_v12_2" and version_of(
+        settings, "cofeat_projects", rebuilt) == 12
 
 
 def test_backfill_steps_take_what_fits_their_time_budget(encoder):
     settings = Settings(embed_backfill_chunk=512, embed_backfill_step_s=0.5, embed_batch_size=64)
-    backfill = Backfill(settings, None, None, encoder, projects=True, users=False)
+    backfill = Backfill(settings, None, None, None, Target("c", encoder), projects=True,
+                        users=False)
     assert backfill._chunk() == 64  # nothing measured yet: one batch
     backfill._pace(64, 0.5)  # 128 projects/s
     assert backfill._chunk() == 64
@@ -82,11 +106,11 @@ def test_encoder_keeps_good_rows_and_names_each_failure(encoder, tmp_path):
     good = make_image(images / "good.png", 1)
     (images / "rel.png").write_bytes((images / "good.png").read_bytes())
     outside = make_image(tmp_path / "outside.png", 1)
-    items = [Item(1, 10, 100, good, 100), Item(2, 10, 100, make_corrupt(images / "c.png"), 1),
-             Item(3, 10, 100, str(images / "missing.png"), 1),
-             Item(4, 10, 100, "http://example.com/x.png", 1),
-             Item(5, 11, 200, "images/rel.png", 1), Item(6, 10, 100, f"file://{good}", 1),
-             Item(7, 10, 100, outside, 1)]
+    items = [state(1, good), state(2, make_corrupt(images / "c.png")),
+             state(3, str(images / "missing.png")),
+             state(4, "http://example.com/x.png"),
+             state(5, "images/rel.png", version=4, owner=11, published=200), state(6, f"file://{good}"),
+             state(7, outside)]
     result = encoder.embed(items)
     assert [r["project_id"] for r in result.rows] == [1, 5, 6]
     reasons = {item.project_id: why for item, why in result.failed}
@@ -95,6 +119,7 @@ def test_encoder_keeps_good_rows_and_names_each_failure(encoder, tmp_path):
     assert reasons[4] == reasons[7] == REFUSED  # no host allowed; a file outside the roots
     row = result.rows[1]
     assert (row["model_version"], row["owner_id"], row["published_at"]) == (3, 11, 200)
+    assert row["state_version"] == 4
     assert np.isclose(np.linalg.norm(row["embedding"]), 1.0, atol=1e-5)
     assert np.allclose(result.rows[0]["embedding"], result.rows[2]["embedding"])
 
@@ -114,8 +139,8 @@ def test_attacks_and_bombs_fail_alone_with_one_reason_and_little_memory(encoder,
     refused = [str(images / "fifo.png"), str(images / "escape.png"), "/etc/hostname",
                "images/../../../../etc/hostname", "file://attacker.example/etc/hostname",
                str(tmp_path / "missing-outside.png")]
-    items = [Item(n, 1, 1, uri, 1) for n, uri in enumerate([str(png), str(jpeg), *refused])]
-    items.append(Item(99, 1, 1, make_image(images / "ok.png", 3), 1))
+    items = [state(n, uri) for n, uri in enumerate([str(png), str(jpeg), *refused])]
+    items.append(state(99, make_image(images / "ok.png", 3)))
     results = []
     grown = peak_rss_growth(lambda: results.append(encoder.embed(items)))
     result = results[0]
@@ -132,8 +157,8 @@ def test_encoder_decodes_in_threads_with_the_same_result(encoder, tmp_path, monk
     from services.embedder import encode
 
     images = tmp_path / "images"
-    items = [Item(i, 1, 1, make_image(images / f"{i}.png", i), 1) for i in range(5)]
-    items.insert(2, Item(99, 1, 1, make_corrupt(images / "bad.png"), 1))
+    items = [state(i, make_image(images / f"{i}.png", i)) for i in range(5)]
+    items.insert(2, state(99, make_corrupt(images / "bad.png")))
     alone = encoder.embed(items)
     monkeypatch.setattr(encode, "WORKERS_FROM", 1)
     encoder.pool = ThreadPoolExecutor(2)
@@ -151,14 +176,12 @@ def freshness_count() -> float:
 
 
 def test_freshness_counts_only_events_produced_once_a_model_was_live():
-    from services.embedder.service import observe
-
-    events = [ev(1, 10), ev(2, 20), ev(3, 30)]
-    produced = {"1-10-0": 1_000, "2-20-0": 2_000, "3-30-0": 3_000}
+    ready = [change(1, 0, 1_000), change(2, 1, 2_000), change(3, 2, 3_000)]
+    failed = Written(failed={3: (state(3, "/x.png"), "OSError")})
     before = freshness_count()
-    observe(events, set(), produced, None)  # no model yet: nothing was searchable
+    observe(ready, Written(), None)  # no model yet: nothing was searchable
     assert freshness_count() == before
-    observe(events, {3}, produced, 1_500)  # 1 came before the first model, 3 failed
+    observe(ready, failed, 1_500)  # 1 came before the first model, 3 failed
     assert freshness_count() == before + 1
-    observe(events, set(), produced, 0.0)  # a model was live when the embedder started
+    observe(ready, Written(), 0.0)  # a model was live when the embedder started
     assert freshness_count() == before + 4
