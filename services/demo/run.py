@@ -121,12 +121,19 @@ def has_factor_version(demo: Demo) -> bool:
                for row in status["versions"])
 
 
-def scrape_sum(port: int, name: str) -> float | None:
-    """The sum of a metric's samples on a /metrics endpoint (None: not reachable)."""
+def metrics_text(port: int) -> str | None:
+    """What a /metrics endpoint on this machine answers (None: not reachable)."""
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
-            text = reply.read().decode()
+            return reply.read().decode()
     except OSError:
+        return None
+
+
+def scrape_sum(port: int, name: str) -> float | None:
+    """The sum of a metric's samples on a /metrics endpoint (None: not reachable)."""
+    text = metrics_text(port)
+    if text is None:
         return None
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                if line.startswith(name) and not line.startswith(f"{name}_created"))
@@ -134,10 +141,8 @@ def scrape_sum(port: int, name: str) -> float | None:
 
 def scrape_histogram(port: int, name: str) -> dict | None:
     """p50/p99 and count of a Prometheus histogram from a /metrics endpoint."""
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
-            text = reply.read().decode()
-    except OSError:
+    text = metrics_text(port)
+    if text is None:
         return None
     buckets = []
     for line in text.splitlines():

@@ -5,7 +5,6 @@ Each action is one transaction, so a retry after a lost connection repeats it wh
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Callable
 from typing import TypeVar
@@ -15,7 +14,7 @@ import psycopg
 from services.embedder import collections as mv
 from services.embedder import metrics
 from shared import retry
-from shared.db.connect import connect
+from shared.db.connect import Reconnecting
 from shared.settings import Settings
 
 T = TypeVar("T")
@@ -29,12 +28,10 @@ class Database:
         self.settings, self.wait = settings, wait
         self.outage = retry.Outage("database", settings.embed_retry_max_s, base_s=0.1,
                                    log=logging.getLogger("cofeat.embed"))
-        self.conn: psycopg.Connection | None = None
+        self.connection = Reconnecting(settings, autocommit=True)
 
     def __call__(self) -> psycopg.Connection:
-        if self.conn is None or self.conn.closed or self.conn.broken:
-            self.conn = connect(self.settings, autocommit=True)
-        return self.conn
+        return self.connection.get()
 
     def run(self, action: Callable[[psycopg.Connection], T]) -> T:
         while True:
@@ -53,7 +50,4 @@ class Database:
             raise mv.Stopped
 
     def close(self) -> None:
-        if self.conn is not None:
-            with contextlib.suppress(psycopg.Error):
-                self.conn.close()
-        self.conn = None
+        self.connection.close()

@@ -9,7 +9,6 @@ with the error, before that transaction commits.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ from dataclasses import dataclass
 import psycopg
 
 from shared import retry
-from shared.db.connect import connect
+from shared.db.connect import Reconnecting
 from shared.db.store import BatchResult, write_batch
 from shared.kafka.batch import Batch
 from shared.kafka.dlq import DeadLetters
@@ -43,11 +42,11 @@ class Store:
         self.group = settings.ingest_group
         self.topics = (interactions_topic, projects_topic)
         self.dead_letters = dead_letters
-        self.conn: psycopg.Connection | None = None
+        self.db = Reconnecting(settings, **bounded(STORE_TIMEOUT_S))
 
     def __call__(self, batch: Batch) -> Stored:
         started = time.perf_counter()
-        conn = self._connection()
+        conn = self.db.get()
         try:
             self._dead_letters(batch)
             try:
@@ -99,13 +98,5 @@ class Store:
                     len(failed))
         return total
 
-    def _connection(self) -> psycopg.Connection:
-        if self.conn is None or self.conn.closed or self.conn.broken:
-            self.conn = connect(self.settings, **bounded(STORE_TIMEOUT_S))
-        return self.conn
-
     def close(self) -> None:
-        if self.conn is not None:
-            with contextlib.suppress(psycopg.Error):
-                self.conn.close()
-        self.conn = None
+        self.db.close()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import psycopg
 from sqlalchemy.engine import make_url
 
@@ -20,3 +22,24 @@ def connect(settings: Settings, url: str | None = None, **kwargs) -> psycopg.Con
     if settings.database_sslrootcert:
         options["sslrootcert"] = str(settings.database_sslrootcert)
     return psycopg.connect(conninfo(url or settings.require_database_url()), **options, **kwargs)
+
+
+class Reconnecting:
+    """One connection, opened on first use and again after it broke (a lost server, a
+    statement timeout that closed it); closing never raises, the connection is gone either
+    way."""
+
+    def __init__(self, settings: Settings, **kwargs):
+        self.settings, self.kwargs = settings, kwargs
+        self.conn: psycopg.Connection | None = None
+
+    def get(self) -> psycopg.Connection:
+        if self.conn is None or self.conn.closed or self.conn.broken:
+            self.conn = connect(self.settings, **self.kwargs)
+        return self.conn
+
+    def close(self) -> None:
+        if self.conn is not None:
+            with contextlib.suppress(psycopg.Error):
+                self.conn.close()
+        self.conn = None

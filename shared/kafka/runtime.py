@@ -24,7 +24,6 @@ this; the embedder calls `poll`/`done` from its own loop.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -37,7 +36,7 @@ from kafka.structs import OffsetAndMetadata
 from prometheus_client import Counter, Gauge
 
 from shared import retry
-from shared.db.connect import connect
+from shared.db.connect import Reconnecting
 from shared.db.store import load_offsets
 from shared.events import InvalidEvent
 from shared.kafka import positions
@@ -69,12 +68,12 @@ class StoredOffsets:
 
     def __init__(self, settings: Settings, group: str, timeout_s: float = 5.0):
         self.settings, self.group, self.timeout_s = settings, group, timeout_s
-        self.conn: psycopg.Connection | None = None
+        self.db = Reconnecting(settings, **bounded(timeout_s))
 
     def load(self, partitions: Iterable[TopicPartition]) -> dict[TopicPartition, int]:
         wanted = list(partitions)
         try:
-            stored = load_offsets(self._connection(), self.group,
+            stored = load_offsets(self.db.get(), self.group,
                                   [(tp.topic, tp.partition) for tp in wanted])
         except psycopg.Error:
             self.close()
@@ -82,16 +81,8 @@ class StoredOffsets:
         return {tp: stored[(tp.topic, tp.partition)] for tp in wanted
                 if (tp.topic, tp.partition) in stored}
 
-    def _connection(self) -> psycopg.Connection:
-        if self.conn is None or self.conn.closed or self.conn.broken:
-            self.conn = connect(self.settings, **bounded(self.timeout_s))
-        return self.conn
-
     def close(self) -> None:
-        if self.conn is not None:
-            with contextlib.suppress(psycopg.Error):
-                self.conn.close()
-        self.conn = None
+        self.db.close()
 
 
 def bounded(timeout_s: float) -> dict:
