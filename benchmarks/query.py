@@ -57,7 +57,8 @@ def load(settings: Settings, count: int, dim: int = DIM, seed: int = 0) -> dict:
         vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
         client.insert(name, [
             {"project_id": start + i, "embedding": v.tolist(), "model_version": 1,
-             "owner_id": (start + i) % 10_000, "published_at": now - (start + i) * 1000}
+             "owner_id": (start + i) % 10_000, "published_at": now - (start + i) * 1000,
+             "state_version": 0}
             for i, v in enumerate(vectors)])
     client.flush(name)
     inserted = time.perf_counter()

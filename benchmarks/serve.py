@@ -4,9 +4,10 @@
 Embed: N generated images as live projects, a random-init CNN version, then
 `cofeat embed --drain`: model images/s (what the embedder logs and exports) and the whole
 backfill (embed + insert + index + load + count check + alias swap) in rows/s.
-Freshness: `cofeat embed` as a service; M `published` events one at a time, each timed from
-its produce call to the first query through the alias (default Bounded consistency) that
-finds it: p50/p99 of event -> searchable.
+Freshness: `cofeat embed` as a service, `cofeat ingest` beside it (the embedder writes what
+the store holds); M `published` events one at a time, each timed from its produce call to
+the first query through the alias (default Bounded consistency) that finds it: p50/p99 of
+event -> searchable, ingest's batch included.
 Freshness during a backfill (--backfill): the service running on the N projects, a new CNN
 version is promoted, and `published` events arrive at a steady rate (--rate per second)
 until its backfill has swapped the alias; each is timed as above, and only those produced
@@ -223,14 +224,22 @@ def embed_service(settings: Settings, log_name: str, **env: str) -> Iterator[Liv
                             env=embed_env(settings) | env,
                             stdout=(settings.data_dir / log_name).open("wb"),
                             stderr=subprocess.STDOUT)
+    # Ingest beside it, as deployed: the embedder writes a project once the store has it,
+    # so event -> searchable includes ingest's batch.
+    ingest = subprocess.Popen([sys.executable, "-m", "services", "ingest"],
+                              env=embed_env(settings) | env,
+                              stdout=(settings.data_dir / f"ingest-{log_name}").open("wb"),
+                              stderr=subprocess.STDOUT)
     live = Live(milvus.connect(settings), KafkaProducer(**producer_config(settings, linger_ms=0)),
                 projects(settings.topic_prefix), milvus.alias(settings, milvus.PROJECTS))
     try:
         _wait_ready(settings, live, proc)
         yield live
     finally:
-        proc.terminate()
-        proc.wait(30)
+        for running in (proc, ingest):
+            running.terminate()
+        for running in (proc, ingest):
+            running.wait(30)
         live.producer.close()
         live.client.close()
 

@@ -31,6 +31,13 @@ class Health:
         self.last_beat: float | None = None  # None: this process has no loop that beats
         self.stall_s = 300.0
 
+    def reset(self) -> None:
+        """Forget every problem and beat (a test starting afresh in the same process)."""
+        with self.lock:
+            self.problems.clear()
+        self.last_beat = None
+        self.stall_s = 300.0
+
     def problem(self, name: str, detail: str) -> None:
         with self.lock:
             self.problems[name] = detail

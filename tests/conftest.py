@@ -170,6 +170,17 @@ def settings(db_url, broker, data_dir) -> Settings:
 
 
 @pytest.fixture(autouse=True)
+def _fresh_health():
+    """Readiness is one per process: what an earlier test's service left there (a consumer
+    still joining, an outage) must not leak into the next test's assertions."""
+    from shared.metrics import health
+
+    health.reset()
+    yield
+    health.reset()
+
+
+@pytest.fixture(autouse=True)
 def _no_leftover_processes():
     """Services a test started and did not stop (a failed assertion) are killed."""
     from tests.helpers import STARTED

@@ -68,7 +68,7 @@ def make_world(milvus_uri: str, data_dir: Path, version: int = 1, seed: int = 0,
 
 def load_projects(settings: Settings, version: int, ids, vectors, owners, published) -> str:
     rows = [{"project_id": int(i), "embedding": v.tolist(), "model_version": version,
-             "owner_id": int(o), "published_at": int(p)}
+             "owner_id": int(o), "published_at": int(p), "state_version": 0}
             for i, v, o, p in zip(ids, vectors, owners, published, strict=True)]
     return _load(settings, milvus.PROJECTS, version, milvus.project_schema(vectors.shape[1]),
                  rows)
