@@ -76,6 +76,11 @@ def current() -> World | None:
     return _current
 
 
+def size() -> int:
+    """Processes training together: 1 outside a world."""
+    return 1 if _current is None else _current.size
+
+
 def join() -> World | None:
     """Join the torchrun job this process belongs to; None when there is none or it has a
     single process (then nothing changes: no process group, no DDP)."""

@@ -1,9 +1,10 @@
 """Run by test_distributed.py under torchrun (every rank runs this module):
-`python -m tests.shared.training.ddp_job WORLD_DIR OUT_DIR`.
+`python -m tests.shared.training.ddp_job WORLD_DIR OUT_DIR`, or `... fail`.
 
 WORLD_DIR holds world.npz (paths, factors) written by the test. Rank 0 writes
 OUT_DIR/report.json with what the test checks; followers record every file they open
-for writing under OUT_DIR (they should open none).
+for writing, or directory they make, under OUT_DIR (they should make none). `fail`: the
+leader hands out a job that fails on rank 0 alone, while rank 1 waits in a collective.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 from shared.training import distributed
 from shared.training.data import ImageTargets
 from shared.training.targets import make_targets
-from shared.training.train import Split, TrainConfig, predict, train
+from shared.training.train import Split, TrainConfig, fine_tune, predict, train
 from shared.vision import ModelConfig
 
 MODEL = ModelConfig(backbone="small", out_dim=8, image_size=32)
@@ -80,10 +81,14 @@ def main(world_dir: Path, out: Path) -> None:
         pass
     checkpoints = sorted(p.name for p in (out / "split" / "checkpoints").iterdir())
     resumed = train(MODEL, train_split, val_split, CONFIG, out / "split", world=world)
+    changed = np.arange(64) < 8  # over-sampled: every rank deals out the same weighted draws
+    tuned = fine_tune(out / "whole" / "model.pt", train_split, val_split, changed,
+                      CONFIG, out / "tuned", world=world)
     data = ImageTargets(val_split.paths, val_split.targets, MODEL.image_size)
     sharded, _ = predict(whole.model, data, CONFIG, torch.device("cpu"), world=world)
     ranks = distributed.gather(world, {"whole": digest(whole.model),
                                        "resumed": digest(resumed.model),
+                                       "tuned": digest(tuned.model),
                                        "writes": writes,
                                        "history": whole.history})
     if not world.leader:
@@ -100,6 +105,23 @@ def main(world_dir: Path, out: Path) -> None:
     (out / "report.json").write_text(json.dumps(report, indent=1))
 
 
+def boom(world: distributed.World) -> None:
+    if world.leader:
+        raise ValueError("only on rank 0")
+    distributed.gather(world, "waiting for rank 0")  # which never comes
+
+
+def fail() -> None:
+    world = distributed.join()
+    if world.leader:
+        distributed.call(boom)
+    else:
+        distributed.follow(world)
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    main(Path(sys.argv[1]), Path(sys.argv[2]))
+    if sys.argv[1] == "fail":
+        fail()
+    else:
+        main(Path(sys.argv[1]), Path(sys.argv[2]))

@@ -94,12 +94,13 @@ def two_ranks(tmp_path_factory):
 def test_ranks_train_one_model_and_only_rank_0_writes(two_ranks):
     leader, follower = two_ranks["ranks"]
     assert leader["whole"] == follower["whole"]  # DDP kept the replicas equal
+    assert leader["tuned"] == follower["tuned"] != leader["whole"]  # a fine-tune, too
     assert follower["writes"] == []
     assert results(follower["history"]) == results(leader["history"])  # over all ranks
     losses = [row["train_loss"] for row in leader["history"]]
     assert losses[-1] < losses[0], losses
     assert {"whole/model.pt", "whole/curves.png", "whole/checkpoints/epoch-0003.pt",
-            "split/model.pt", "job/model.pt"} <= set(two_ranks["files"])
+            "split/model.pt", "tuned/model.pt", "job/model.pt"} <= set(two_ranks["files"])
 
 
 def test_a_resumed_two_process_run_equals_the_uninterrupted_one(two_ranks):
@@ -116,3 +117,12 @@ def test_a_job_handed_out_by_the_leader_trains_the_same_model(two_ranks):
 def test_sharded_inference_matches_one_process(two_ranks):
     assert two_ranks["predict_rows"] == [16, 16]
     assert two_ranks["predict_max_diff"] < 1e-5
+
+
+def test_a_job_failing_on_one_rank_ends_the_world_instead_of_hanging():
+    command = distributed.launch_command(2, ["-m", "tests.shared.training.ddp_job", "fail"])
+    # Rank 1 waits in a collective rank 0 never joins: only rank 0's exit can end it.
+    done = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "WorldBroken: boom failed on rank 0: ValueError('only on rank 0')" in done.stderr
