@@ -85,15 +85,15 @@ def join() -> World | None:
     """Join the torchrun job this process belongs to; None when there is none or it has a
     single process (then nothing changes: no process group, no DDP)."""
     global _current
-    size = int(os.environ.get("WORLD_SIZE", "1"))
-    if size <= 1:
-        return None
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if processes <= 1 or _current is not None:
+        return _current
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     device = _device(local_rank)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank,
-                            world_size=size)
+                            world_size=processes)
     control = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
-    _current = World(rank, size, local_rank, device, control)
+    _current = World(rank, processes, local_rank, device, control)
     log.info("joined %s (%s)", _current, dist.get_backend())
     return _current
 

@@ -262,7 +262,7 @@ def _step(model, batch: Batch, optimizer, scaler, config, device, amp_dtype,
     targets = batch.targets.to(device, non_blocking=True)
     with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
                         enabled=amp_dtype is not None):
-        outputs = (net or model)(images)
+        outputs = (model if net is None else net)(images)
     loss = loss_fn(outputs.float(), targets, config)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
