@@ -51,3 +51,12 @@ def load(db_url: str, events_dir: Path, start: float = 0.0, stop: float = 1.0) -
             write_batch(conn, part[first:first + 20_000], [], "tests", {})
         write_batch(conn, [], projects, "tests", {})
     return len(part)
+
+
+def cofeat_env(**settings) -> dict[str, str]:
+    """The environment of a `cofeat` process run with these settings (and no others)."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COFEAT_")}
+    env.update({f"COFEAT_{name.upper()}": str(value) for name, value in settings.items()})
+    return env

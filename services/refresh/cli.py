@@ -28,6 +28,9 @@ log = logging.getLogger("cofeat.refresh")
 ONCE = typer.Option(False, "--once", help="Run once and exit.")
 LOOP = typer.Option(False, "--loop", help="Repeat every COFEAT_REFRESH_EVERY (default 10m).")
 EVERY = typer.Option(None, "--every", help="Repeat at this interval instead, e.g. 10m, 1h.")
+NPROC = typer.Option(1, "--nproc", min=1, help=(
+    "Train with N processes on this machine (DistributedDataParallel under torchrun: gloo "
+    "on CPU, one GPU each with NCCL). Under your own torchrun, its world decides."))
 
 
 def parse_interval(text: str) -> float:
@@ -49,7 +52,7 @@ def interval(settings: Settings, every_s: float | None) -> float:
     return every_s or interval_seconds(settings.refresh_every)
 
 
-def start_service(name: str) -> Settings:
+def start_service(name: str, metrics: bool = True) -> Settings:
     """Settings, logging and /metrics for a refresh command; exits on bad settings."""
     from shared.metrics import serve_metrics
 
@@ -60,7 +63,8 @@ def start_service(name: str) -> Settings:
     from shared.logs import setup_logging
 
     setup_logging(settings, name)
-    serve_metrics(settings.metrics_port)
+    if metrics:
+        serve_metrics(settings.metrics_port)
     return settings
 
 
@@ -141,10 +145,30 @@ def run_cnn_once(settings: Settings, full: bool = False):
 
 @app.command("cnn")
 def cnn_command(once: bool = ONCE, loop: bool = LOOP, every: str = EVERY,
-                full: bool = typer.Option(False, "--full", help="Retrain from scratch.")) -> None:
+                full: bool = typer.Option(False, "--full", help="Retrain from scratch."),
+                nproc: int = NPROC) -> None:
     """Train the CNN to predict latent factors from images (fine-tunes the live model)."""
     every_s = check_mode(once, loop, every)
+    from shared.training import distributed
+
+    if nproc > 1 and not distributed.launched():
+        mode = ["--once"] if once else ["--every", every] if every else ["--loop"]
+        # torchrun takes this process's place and runs this command in each rank.
+        distributed.launch(nproc, ["-m", "services", "refresh", "cnn", *mode,
+                                   *(["--full"] if full else [])])
+    world = distributed.join()
+    if world is not None and not world.leader:
+        start_service(f"refresh-cnn-rank{world.rank}", metrics=False)
+        distributed.follow(world)  # rank 0 hands out the training; the rest is its own
+        return
     settings = start_service("refresh-cnn")
+    try:
+        _cnn(settings, once, every_s, full)
+    finally:
+        distributed.close(world)
+
+
+def _cnn(settings: Settings, once: bool, every_s: float | None, full: bool) -> None:
     _check_schema(settings)
     if once:
         result = run_cnn_once(settings, full=full)

@@ -4,6 +4,11 @@ Reproducibility: every epoch's sampler and loader generators are seeded from (se
 and augmentations from (seed, epoch, index), and a checkpoint after every epoch holds
 model, optimizer, scheduler and RNG states. A run interrupted and resumed therefore ends
 with the same weights, bit for bit on CPU, as one that never stopped.
+
+With `world` (shared/training/distributed.py) every rank runs `train` on the same
+arguments: DDP averages the gradients, each rank takes its share of the same draws at
+its share of the batch, and rank 0 alone writes checkpoints and the model. The same
+holds there: resumed on as many processes, a run ends as the uninterrupted one.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from torch.utils.data import DataLoader, RandomSampler, WeightedRandomSampler
 from tqdm import tqdm
 
 from shared.images import ImageReader
+from shared.training import distributed
 from shared.training.data import (
     Augment,
     Batch,
@@ -113,16 +119,21 @@ def train(model_config: ModelConfig, train_split: Split, val_split: Split | None
           config: TrainConfig, out_dir: str | Path, *, init_from: str | Path | None = None,
           extra: dict | None = None, on_step: StepHook | None = None,
           on_epoch: EpochHook | None = None, progress: bool = False,
-          device: torch.device | None = None) -> TrainResult:
+          device: torch.device | None = None,
+          world: distributed.World | None = None) -> TrainResult:
     """Train (or resume) into out_dir: checkpoints/, model.pt, curves.png.
 
     `init_from` starts from another model's weights (fine-tuning). `on_step(epoch, step,
     model)` runs before every optimizer step; raising from it interrupts the run.
     `on_epoch(epoch, model, row)` runs after each epoch's checkpoint (not for epochs a
-    resumed run skips); the next epoch puts the model back in training mode.
+    resumed run skips); the next epoch puts the model back in training mode. Both run on
+    every rank of a `world`.
     """
     _check(model_config, train_split, config)
     out_dir = Path(out_dir)
+    if world is not None:
+        device = device or world.device
+        progress = progress and world.leader
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(config.seed)
     model = build_model(model_config)
@@ -133,15 +144,20 @@ def train(model_config: ModelConfig, train_split: Split, val_split: Split | None
         torch.backends.cudnn.benchmark = True  # fixed input size; CPU runs stay bit-exact
     optimizer = _optimizer(model, config)
     steps_per_epoch = math.ceil(len(train_split) / config.batch_size)
+    if world is not None:
+        steps_per_epoch = math.ceil(math.ceil(len(train_split) / world.size)
+                                    / distributed.local_batch(config.batch_size, world))
     scheduler = _scheduler(optimizer, config, steps_per_epoch * config.epochs)
     scaler = torch.amp.GradScaler("cuda", enabled=_amp_dtype(device, config) == torch.float16)
-    fingerprint = _fingerprint(model_config, train_split, val_split, config, init_from)
+    fingerprint = _fingerprint(model_config, train_split, val_split, config, init_from, world)
     state = {"epoch": -1, "history": [], "skipped": []}
     ckpt_dir = out_dir / "checkpoints"
-    latest = latest_checkpoint(ckpt_dir)
+    latest = latest_checkpoint(ckpt_dir) if world is None or world.leader else None
+    latest = distributed.broadcast(world, latest)  # the leader's choice, read by every rank
     if latest is not None:
         state = _resume(latest, fingerprint, model, optimizer, scheduler, scaler)
         log.info("resuming from %s (epoch %d done)", latest, state["epoch"] + 1)
+    net = distributed.wrap(model, world)  # after resuming: DDP starts every rank from it
 
     train_data = ImageTargets(train_split.paths, train_split.targets, model_config.image_size,
                               config.augment, config.seed, reader=train_split.reader)
@@ -158,24 +174,28 @@ def train(model_config: ModelConfig, train_split: Split, val_split: Split | None
         started = time.monotonic()
         train_loss, seen = _run_epoch(model, train_data, train_split.weights, optimizer,
                                       scheduler, scaler, config, epoch, device, skipped,
-                                      on_step, bar)
+                                      on_step, bar, net, world)
+        distributed.same_buffers(model, world)
         seconds = time.monotonic() - started
         EPOCH_SECONDS.observe(seconds)
         row = {"epoch": epoch + 1, "train_loss": train_loss, "seconds": round(seconds, 2),
                "images_per_s": round(seen / max(seconds, 1e-9), 1),
                "lr": scheduler.get_last_lr()[0]}
         if val_data is not None:
-            row.update(evaluate(model, val_data, config, device, skipped))
+            row.update(evaluate(model, val_data, config, device, skipped, world=world))
             VAL_SCORE.set(row["val_score"])
+        skipped |= distributed.union(world, skipped)
         state["history"].append(row)
         state["skipped"] = sorted(skipped)
-        _save_checkpoint(ckpt_dir, epoch, fingerprint, model, optimizer, scheduler, scaler,
-                         state, config.keep_checkpoints)
+        if world is None or world.leader:
+            _save_checkpoint(ckpt_dir, epoch, fingerprint, model, optimizer, scheduler,
+                             scaler, state, config.keep_checkpoints)
         log.info("epoch %s", json.dumps(row))
         if on_epoch is not None:
             on_epoch(epoch, model, row)
     bar.close()
-    return _finish(model, model_config, config, state, out_dir, extra)
+    return _finish(model, model_config, config, state, out_dir, extra,
+                   write=world is None or world.leader)
 
 
 def fine_tune(parent: str | Path, train_split: Split, val_split: Split | None,
@@ -203,19 +223,20 @@ def fine_tune(parent: str | Path, train_split: Split, val_split: Split | None,
 
 
 def _run_epoch(model, data, weights, optimizer, scheduler, scaler, config, epoch, device,
-               skipped, on_step, bar) -> tuple[float, int]:
+               skipped, on_step, bar, net=None, world=None) -> tuple[float, int]:
     model.train()
-    loader = make_loader(data, config, epoch, weights=weights, device=device)
+    loader = make_loader(data, config, epoch, weights=weights, device=device, world=world)
     amp_dtype = _amp_dtype(device, config)
     total, seen, ema, window = 0.0, 0, None, time.monotonic()
     bar.set_description(f"epoch {epoch + 1}/{config.epochs}")
     for step, batch in enumerate(loader):
         _note_skipped(batch, data, skipped)
-        if not len(batch):
+        # A rank whose batch failed to decode entirely holds the others back for a step.
+        if not distributed.everyone(world, len(batch) > 0):
             continue
         if on_step is not None:
             on_step(epoch, step, model)
-        loss = _step(model, batch, optimizer, scaler, config, device, amp_dtype)
+        loss = _step(model, batch, optimizer, scaler, config, device, amp_dtype, net)
         if not math.isfinite(loss):
             # Stop rather than checkpoint garbage; the last good epoch stays resumable.
             raise FloatingPointError(f"loss {loss} at epoch {epoch + 1} step {step}")
@@ -229,17 +250,19 @@ def _run_epoch(model, data, weights, optimizer, scheduler, scaler, config, epoch
         window = now
         bar.update(len(batch) + len(batch.failed))
         bar.set_postfix(loss=f"{ema:.4f}", refresh=False)
-    return total / max(seen, 1), seen
+    total, seen = distributed.total(world, total, seen)
+    return total / max(seen, 1), int(seen)
 
 
-def _step(model, batch: Batch, optimizer, scaler, config, device, amp_dtype) -> float:
+def _step(model, batch: Batch, optimizer, scaler, config, device, amp_dtype,
+          net=None) -> float:
     images = batch.images.to(device, non_blocking=True)
     if model.config.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     targets = batch.targets.to(device, non_blocking=True)
     with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
                         enabled=amp_dtype is not None):
-        outputs = model(images)
+        outputs = (model if net is None else net)(images)
     loss = loss_fn(outputs.float(), targets, config)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
@@ -258,8 +281,10 @@ def loss_fn(outputs: torch.Tensor, targets: torch.Tensor, config: TrainConfig) -
 
 def make_loader(data: ImageTargets, config: TrainConfig, epoch: int, *,
                 weights: np.ndarray | None = None, shuffle: bool = True,
-                device: torch.device | None = None) -> DataLoader:
-    """Batches of one epoch. With `weights`, sampling is with replacement (over-sampling)."""
+                device: torch.device | None = None,
+                world: distributed.World | None = None) -> DataLoader:
+    """Batches of one epoch. With `weights`, sampling is with replacement (over-sampling).
+    In a `world`, this rank's share: of the epoch's draws, at its share of the batch."""
     # Fresh generators per epoch, seeded from (seed, epoch): resuming at any epoch
     # boundary replays exactly the order an uninterrupted run would have used.
     sampler_gen = torch.Generator().manual_seed(_epoch_seed(config.seed, epoch, 0))
@@ -270,9 +295,14 @@ def make_loader(data: ImageTargets, config: TrainConfig, epoch: int, *,
         sampler = RandomSampler(data, generator=sampler_gen) if weights is None else \
             WeightedRandomSampler(torch.as_tensor(weights, dtype=torch.double), len(data),
                                   replacement=True, generator=sampler_gen)
+    batch_size = config.batch_size
+    if world is not None:
+        sampler = distributed.ShardSampler(sampler, world) if shuffle else \
+            distributed.inference_shard(len(data), world)
+        batch_size = distributed.local_batch(batch_size, world) if shuffle else batch_size
     workers = config.num_workers
     pin = device is not None and device.type == "cuda"
-    return DataLoader(data, batch_size=config.batch_size, sampler=sampler, shuffle=False,
+    return DataLoader(data, batch_size=batch_size, sampler=sampler, shuffle=False,
                       num_workers=workers, collate_fn=collate, worker_init_fn=seed_worker,
                       generator=loader_gen, pin_memory=pin,
                       prefetch_factor=4 if workers else None)
@@ -292,11 +322,13 @@ def _note_skipped(batch: Batch, data: ImageTargets, skipped: set[str]) -> None:
 
 @torch.inference_mode()
 def predict(model: CofeatNet, data: ImageTargets, config: TrainConfig, device,
-            skipped: set[str] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Head outputs and targets for every decodable sample, in dataset order."""
+            skipped: set[str] | None = None,
+            world: distributed.World | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Head outputs and targets for every decodable sample, in dataset order (in a
+    `world`: each rank infers its share, and every rank gets all of them)."""
     model.eval()
-    loader = make_loader(data, config, 0, shuffle=False, device=device)
-    outputs, targets = [], []
+    loader = make_loader(data, config, 0, shuffle=False, device=device, world=world)
+    outputs, targets, indices = [], [], []
     amp_dtype = _amp_dtype(device, config)
     for batch in loader:
         if skipped is not None:
@@ -310,16 +342,29 @@ def predict(model: CofeatNet, data: ImageTargets, config: TrainConfig, device,
                             enabled=amp_dtype is not None):
             outputs.append(model(images).float().cpu())
         targets.append(batch.targets)
+        indices.append(batch.indices)
     model.train()
+    if world is not None:
+        outputs, targets = _gathered(world, outputs, targets, indices)
     if not outputs:
         return torch.empty(0), torch.empty(0)
     return torch.cat(outputs), torch.cat(targets)
 
 
+def _gathered(world, outputs, targets, indices) -> tuple[list, list]:
+    """Every rank's predictions, back in dataset order."""
+    parts = [part for part in distributed.gather(world, (outputs, targets, indices)) if part[0]]
+    if not parts:
+        return [], []
+    order = torch.cat([torch.cat(index) for _, _, index in parts]).argsort()
+    return ([torch.cat([torch.cat(out) for out, _, _ in parts])[order]],
+            [torch.cat([torch.cat(tgt) for _, tgt, _ in parts])[order]])
+
+
 def evaluate(model: CofeatNet, data: ImageTargets, config: TrainConfig, device,
-             skipped: set[str] | None = None) -> dict:
+             skipped: set[str] | None = None, world: distributed.World | None = None) -> dict:
     """Held-out scores. `val_score` is what model selection compares."""
-    outputs, targets = predict(model, data, config, device, skipped)
+    outputs, targets = predict(model, data, config, device, skipped, world)
     if not len(outputs):
         return {"val_score": float("nan")}
     scores = {"val_loss": loss_fn(outputs, targets, config).item()}
@@ -453,14 +498,18 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _fingerprint(model_config, train_split, val_split, config, init_from) -> str:
-    """What a checkpoint must match to be resumed: everything that shapes the result."""
+def _fingerprint(model_config, train_split, val_split, config, init_from,
+                 world=None) -> str:
+    """What a checkpoint must match to be resumed: everything that shapes the result (the
+    number of processes too: it sets the steps per epoch)."""
     digest = hashlib.sha256()
     settings = asdict(config)
     settings.pop("num_workers")
     settings.pop("keep_checkpoints")
-    digest.update(json.dumps([asdict(model_config), settings, str(init_from)],
-                             sort_keys=True, default=str).encode())
+    shape = [asdict(model_config), settings, str(init_from)]
+    if world is not None:
+        shape.append({"processes": world.size})
+    digest.update(json.dumps(shape, sort_keys=True, default=str).encode())
     for split in (train_split, val_split):
         if split is None:
             continue
@@ -491,13 +540,17 @@ def _check(model_config: ModelConfig, split: Split, config: TrainConfig) -> None
         raise ValueError("targets contain NaN or infinity")
 
 
-def _finish(model, model_config, config, state, out_dir, extra) -> TrainResult:
+def _finish(model, model_config, config, state, out_dir, extra,
+            write: bool = True) -> TrainResult:
     history = state["history"]
     metrics = {k: v for k, v in history[-1].items() if k.startswith("val_")} if history \
         else {}
     payload_extra = {"mode": config.mode, "train_config": asdict(config), "history": history,
                      "metrics": metrics, "skipped_images": len(state["skipped"]),
                      **(extra or {})}
+    if not write:  # a follower: rank 0 writes the model
+        return TrainResult(model.cpu().eval(), history, metrics, list(state["skipped"]),
+                           out_dir / "model.pt")
     model_path = save_model(out_dir / "model.pt", model.cpu().eval(), model_config,
                             json.loads(json.dumps(payload_extra, default=str)))
     if history:

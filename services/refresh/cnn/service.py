@@ -29,6 +29,7 @@ from shared.factors import current_factor_version, factor_version, load_factors
 from shared.images import ImageReader
 from shared.logs import bound
 from shared.settings import Settings
+from shared.training import distributed
 from shared.training.data import Augment
 from shared.training.targets import make_targets
 from shared.training.train import TrainConfig, evaluate, fine_tune, make_splits, train
@@ -131,15 +132,17 @@ def _train_and_store(conn, settings: Settings, version_id: int, parent: dict | N
         parent_factors = _factors_of(settings, conn, parent["factor_version_id"])
         changed = changed_projects(projects, parent_factors)
         in_train = np.isin(projects.ids, train_split.ids)
-        result = fine_tune(model_path(settings.data_dir, parent), train_split, val_split,
-                           changed[in_train], train_config(settings, settings.cnn_refresh_epochs),
-                           run_dir, progress=progress)
+        result = distributed.call(fine_tune, model_path(settings.data_dir, parent),
+                                  train_split, val_split, changed[in_train],
+                                  train_config(settings, settings.cnn_refresh_epochs), run_dir,
+                                  progress=progress)
         n_changed = int(changed[in_train].sum())
     else:
         config = model_config(settings, targets.out_dim)
-        result = train(config, train_split, val_split,
-                       train_config(settings, settings.cnn_epochs), run_dir,
-                       init_from=_pretrained(settings, config, run_dir), progress=progress)
+        result = distributed.call(train, config, train_split, val_split,
+                                  train_config(settings, settings.cnn_epochs), run_dir,
+                                  init_from=_pretrained(settings, config, run_dir),
+                                  progress=progress)
         n_changed = len(train_split)
     metrics = dict(result.metrics)
     metrics["parent_val_score"] = _parent_score(settings, parent, val_split, mode)
@@ -150,7 +153,8 @@ def _train_and_store(conn, settings: Settings, version_id: int, parent: dict | N
             "centroids": targets.centroids.tolist() if targets.centroids is not None else None}
     artifact = versions.write_artifact(settings.data_dir, version_id, run_dir, meta)
     stats = {**projects.stats, "train": len(train_split), "val": len(val_split),
-             "changed_oversampled": n_changed, "skipped_images": len(result.skipped)}
+             "changed_oversampled": n_changed, "skipped_images": len(result.skipped),
+             "processes": distributed.size()}
     versions.insert_version(conn, version_id, parent_id=parent["id"] if parent else None,
                             factor_version_id=factors_row["id"], params=params, stats=stats,
                             metrics=metrics, artifact=artifact, status=status)
@@ -228,6 +232,8 @@ def _run_dir(settings: Settings, factor_id: int, parent: dict | None, mode: str,
     parent_id = parent["id"] if parent and mode == "fine-tune" else 0
     cnn_settings = settings.model_dump(mode="json", include={
         name for name in Settings.model_fields if name.startswith("cnn_")})
+    if distributed.size() > 1:  # sets the steps per epoch: others' checkpoints cannot resume
+        cnn_settings["processes"] = distributed.size()
     digest = hashlib.sha256(np.ascontiguousarray(ids, dtype=np.int64).tobytes()
                             + json.dumps(cnn_settings, sort_keys=True).encode()).hexdigest()
     root = settings.data_dir / "checkpoints" / "cnn"
