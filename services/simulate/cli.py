@@ -27,6 +27,9 @@ def main(
     events: Annotated[int | None, typer.Option(
         min=0, help="interactions to generate (approximate)")] = None,
     seed: Annotated[int | None, typer.Option(min=0)] = None,
+    world: Annotated[str | None, typer.Option(
+        help="structure (colours drawn per project; small's default) | palette (each style "
+             "its own colour scheme; tiny's default)")] = None,
     chunks: Annotated[int | None, typer.Option(min=1, help="slices of simulated time")] = None,
     days: Annotated[int | None, typer.Option(min=1, help="simulated days")] = None,
     max_chunks: Annotated[int | None, typer.Option(
@@ -66,19 +69,21 @@ def main(
                                  param_hint="--image-base-url")
     try:
         config = world_module.preset(preset, users=users, projects=projects, events=events,
-                                     seed=seed, chunks=chunks, days=days)
+                                     seed=seed, chunks=chunks, days=days,
+                                     world=world)
     except ValueError as error:
-        raise typer.BadParameter(str(error), param_hint="--preset") from None
-    world = world_module.build_world(config)
+        hint = "--world" if "world" in str(error) else "--preset"
+        raise typer.BadParameter(str(error), param_hint=hint) from None
+    built = world_module.build_world(config)
     if stats:
-        _print_stats(world, max_chunks, filter_min, filter_top_pct, pixels=not no_images)
+        _print_stats(built, max_chunks, filter_min, filter_top_pct, pixels=not no_images)
         return
-    _write_truth(world, settings.data_dir)
+    _write_truth(built, settings.data_dir)
     images_dir = settings.data_dir / "images"
     if not no_images:
-        _render(world, images_dir, image_size, image_format.value, processes)
-    chunks_iter = behaviour.generate(world, max_chunks)
-    counts = _publish(world, chunks_iter, settings, images_dir, image_format.value, out,
+        _render(built, images_dir, image_size, image_format.value, processes)
+    chunks_iter = behaviour.generate(built, max_chunks)
+    counts = _publish(built, chunks_iter, settings, images_dir, image_format.value, out,
                       rate, invalid_fraction, duplicate_fraction, image_base_url)
     where = str(out) if out else settings.require_kafka_bootstrap()
     for topic, count in sorted(counts.items()):

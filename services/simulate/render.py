@@ -1,7 +1,8 @@
 """Procedural images: a content shape drawn in a style, plus per-image jitter and noise.
 
 Style = palette (colours) x texture (fine pattern) x stroke weight x composition (background
-layout). Content = a shape at random position, scale and rotation. Every random choice
+layout); in the structure world colours are drawn per project and a texture scale joins.
+Content = a shape at random position, scale and rotation. Every random choice
 comes from a generator seeded by (world seed, project index), so an image is the same
 whichever process renders it.
 """
@@ -16,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from services.simulate.world import CATEGORIES, StyleTable, World
+from services.simulate.world import CATEGORIES, StyleTable, World, random_palette
 
 STROKE_DUTY = (0.3, 0.55)  # share of a texture period covered by ink, thin vs thick
 STROKE_PX = (1.5, 4.0)     # outline width at 128 px, thin vs thick
@@ -166,17 +167,23 @@ def render_image(world: World, index: int, size: int = 128) -> np.ndarray:
 
 
 def style_attributes(styles: StyleTable, style: int) -> dict:
-    return {"palette": styles.colours[styles.palette[style]],
-            "texture": int(styles.texture[style]), "stroke": int(styles.stroke[style]),
-            "composition": int(styles.composition[style])}
+    colours = None if styles.colours is None else styles.colours[styles.palette[style]]
+    scale = 1.0 if styles.scale is None else float(styles.scale[style])
+    return {"palette": colours, "texture": int(styles.texture[style]),
+            "stroke": int(styles.stroke[style]),
+            "composition": int(styles.composition[style]), "texture_scale": scale}
 
 
-def render_attributes(seed: int, index: int, size: int, *, palette: np.ndarray, texture: int,
-                      stroke: int, composition: int, category: int) -> np.ndarray:
+def render_attributes(seed: int, index: int, size: int, *, palette: np.ndarray | None,
+                      texture: int, stroke: int, composition: int, category: int,
+                      texture_scale: float = 1.0) -> np.ndarray:
+    """`palette` None: the project's colours are drawn at random, independent of style."""
     rng = np.random.default_rng([seed, 2, index])
     scale = size / 128
+    if palette is None:
+        palette = random_palette(np.random.default_rng([seed, 3, index]))
     colours = _jitter_colours(rng, palette)  # background 1, background 2, foreground, ink
-    period = BASE_PERIOD[texture] * scale * rng.uniform(0.85, 1.15)
+    period = BASE_PERIOD[texture] * texture_scale * scale * rng.uniform(0.85, 1.15)
     pattern = _texture(texture, rng, size, period, STROKE_DUTY[stroke])
     mix = _composition(composition, rng, size)
     distance = _placed_shape(rng, category, size)

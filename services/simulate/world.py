@@ -14,6 +14,10 @@ import numpy as np
 N_TEXTURES = 8
 N_COMPOSITIONS = 4
 STYLES_PER_PALETTE = 3
+# Texture period multipliers of the structure world: the finest is about 2.5 px at 64 px
+# and is mostly lost at 32 px, the coarsest survives any thumbnail.
+SCALES = (0.55, 1.0, 1.7)
+WORLDS = ("palette", "structure")
 CATEGORIES = ("disk", "square", "triangle", "star", "plus", "ring", "crescent", "hexagon",
               "arrow", "heart", "tee", "lozenge")
 DAY_MS = 86_400_000
@@ -34,11 +38,18 @@ class WorldConfig:
     initial_fraction: float = 0.3
     update_fraction: float = 0.02
     delete_fraction: float = 0.01
+    # "palette": each style owns a colour scheme (colour statistics give the style away);
+    # "structure": colours are drawn per project, style is texture, scale, stroke, layout.
+    world: str = "palette"
+
+    def __post_init__(self) -> None:
+        if self.world not in WORLDS:
+            raise ValueError(f"unknown world {self.world!r}; choose from {', '.join(WORLDS)}")
 
 
 PRESETS = {
     "tiny": WorldConfig(users=200, projects=500, events=20_000, chunks=20),
-    "small": WorldConfig(users=5_000, projects=10_000, events=1_000_000),
+    "small": WorldConfig(users=5_000, projects=10_000, events=1_000_000, world="structure"),
     # A tenth of filtered Behance: ~3.1M appreciations + 17.8M views over a year.
     "medium": WorldConfig(users=30_900, projects=42_300, events=21_200_000, days=365,
                           chunks=365),
@@ -63,18 +74,21 @@ class StyleTable:
     texture alone does not tell it either.
     """
 
-    palette: np.ndarray
+    palette: np.ndarray  # -1 everywhere when colours are drawn per project
     texture: np.ndarray
     stroke: np.ndarray
     composition: np.ndarray
-    colours: np.ndarray  # (n_palettes, 4, 3) float32: background 1/2, foreground 1/2
+    colours: np.ndarray | None  # (n_palettes, 4, 3) float32: background 1/2, foreground 1/2
+    scale: np.ndarray | None = None  # texture period multiplier (structure world)
 
     @property
     def n_palettes(self) -> int:
-        return len(self.colours)
+        return 0 if self.colours is None else len(self.colours)
 
 
-def style_table(n_styles: int) -> StyleTable:
+def style_table(n_styles: int, world: str = "palette") -> StyleTable:
+    if world == "structure":
+        return structure_table(n_styles)
     index = np.arange(n_styles)
     palette, k = np.divmod(index, STYLES_PER_PALETTE)
     n_palettes = int(palette.max()) + 1
@@ -86,6 +100,33 @@ def style_table(n_styles: int) -> StyleTable:
         composition=(palette + 2 * k) % N_COMPOSITIONS,
         colours=_palettes(n_palettes),
     )
+
+
+def structure_table(n_styles: int) -> StyleTable:
+    """Styles without colours: every (texture, scale) pair is its own style for 24 styles,
+    so neither the texture family nor its scale alone tells the style; stroke weight and
+    background layout vary across styles as further, coarser cues."""
+    index = np.arange(n_styles)
+    level, texture = np.divmod(index, N_TEXTURES)
+    return StyleTable(
+        palette=np.full(n_styles, -1), texture=texture % N_TEXTURES,
+        stroke=(texture + level) % 2, composition=(texture + 3 * level) % N_COMPOSITIONS,
+        colours=None, scale=np.asarray(SCALES, dtype=np.float32)[level % len(SCALES)])
+
+
+def random_palette(rng) -> np.ndarray:
+    """One project's four colours (background 1/2, fill, ink), each of its own random hue,
+    saturation and value: how much of each colour an image shows depends on its style, so
+    a fixed scheme per role would still let colour spread hint at the texture."""
+    def colour(s_range, v_range):
+        return colorsys.hsv_to_rgb(rng.random(), rng.uniform(*s_range), rng.uniform(*v_range))
+
+    light, dark = (0.05, 0.6), (0.3, 1.0)
+    colours = [colour(light, (0.55, 0.95)), colour(light, (0.45, 0.9)),
+               colour(dark, (0.35, 0.9)), colour(dark, (0.05, 0.5))]
+    if rng.random() < 0.5:  # dark backgrounds with light ink as often as the reverse
+        colours = [colours[3], colours[2], colours[1], colours[0]]
+    return np.array(colours, dtype=np.float32)
 
 
 def _palettes(n: int) -> np.ndarray:
@@ -139,7 +180,7 @@ class World:
 
 def build_world(config: WorldConfig) -> World:
     rng = np.random.default_rng([config.seed, 1])
-    styles = style_table(config.n_styles)
+    styles = style_table(config.n_styles, config.world)
     style_pref = _sparse_preferences(rng, config.users, config.n_styles, (1, 2, 3),
                                      (0.4, 0.4, 0.2), low=0.6)
     category_pref = _sparse_preferences(rng, config.users, config.n_categories, (1, 2),
@@ -222,6 +263,8 @@ def _later_times(rng, publish_ms: np.ndarray, config: WorldConfig):
 def describe(world: World) -> dict:
     """The world's sizes and parameters: safe to print and to store beside the truth."""
     return asdict(world.config) | {"n_palettes": world.styles.n_palettes,
+                                   "colour_per": "style" if world.styles.n_palettes
+                                   else "project",
                                    "n_textures": N_TEXTURES, "categories": list(CATEGORIES)}
 
 

@@ -64,7 +64,7 @@ def test_stats_prints_the_realism_check(tmp_path):
     assert result.exit_code == 0, result.output
     for needle in ("density appreciations", "density views", "filtered", "per user",
                    "per project", "style preferred", "category preferred", "lift",
-                   "colour-statistics"):
+                   "colour statistics -> style", "style from structure"):
         assert needle in result.output
     assert not (tmp_path / "groundtruth").exists()  # --stats writes nothing
 

@@ -47,7 +47,7 @@ def test_style_and_category_both_change_pixels(tiny_world):
 
 
 def test_colour_statistics_tell_palette_not_style():
-    world = build_world(preset("small", events=0))
+    world = build_world(preset("small", events=0, world="palette"))
     result = stats.colour_baseline(world, n=480, size=64)
     style, palette = result["style"], result["palette"]
     assert style["accuracy"] > 4 * style["chance"]   # style is visible in pixels...
