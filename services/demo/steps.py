@@ -25,7 +25,9 @@ DEMO_ENV = {
              "COFEAT_CNN_REFRESH_EPOCHS": "1",
              "COFEAT_ALS_FACTORS": "16", "COFEAT_ALS_ITERATIONS": "8",
              "COFEAT_FILTER_MIN_USER_COUNT": "2", "COFEAT_FILTER_MIN_ITEM_COUNT": "2",
-             "COFEAT_REFRESH_EVERY": "15s"},
+             "COFEAT_REFRESH_EVERY": "15s",
+             # The ImageNet column's code path, at a size CI can afford (224 on small).
+             "COFEAT_EVAL_IMAGENET_SIZE": "64"},
 }
 # The embedder checks its live collection against Postgres every minute, so the demo's few
 # minutes of live stream see several checks (the report gives the drift they found).

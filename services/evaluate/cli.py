@@ -25,6 +25,10 @@ def main(
     pseudo_classes: Annotated[int, typer.Option(min=2, help="K-means k (without one)")] = 64,
     batch_size: Annotated[int, typer.Option(min=1, help="training batch (without one)")] = 64,
     workers: Annotated[int, typer.Option(min=0, help="image decode processes")] = 2,
+    imagenet_size: Annotated[int, typer.Option(
+        min=32, envvar="COFEAT_EVAL_IMAGENET_SIZE",
+        help="input size of the frozen ImageNet features (224: what they were trained at; "
+             "smaller is faster and weaker)")] = 224,
 ) -> None:
     """Compare collaborative CNN features with baselines on projects the CNN never saw."""
     import os
@@ -46,7 +50,7 @@ def main(
     config = EvalConfig(epochs=epochs, backbone=backbone, image_size=image_size, seed=seed,
                         max_projects=max_projects, val_fraction=val_fraction,
                         pseudo_classes=pseudo_classes, batch_size=batch_size,
-                        workers=workers)
+                        workers=workers, imagenet_size=imagenet_size)
     out.mkdir(parents=True, exist_ok=True)
     try:
         with connect(settings) as conn:

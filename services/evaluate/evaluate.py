@@ -8,6 +8,7 @@ the ground truth (tests/services/simulate/test_truth_isolation.py).
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
@@ -31,13 +32,15 @@ log = logging.getLogger(__name__)
 REGRESS, PSEUDO = "collaborative-regress", "collaborative-pseudo-class"
 CATEGORY, RANDOM = "category-supervised", "random-init"
 HANDCRAFTED, FACTORS, POPULARITY = "handcrafted", "latent-factors", "popularity"
+IMAGENET = "imagenet"  # frozen ImageNet MobileNetV2, the paper's middle column
 CNN_SOURCES = (REGRESS, PSEUDO, CATEGORY, RANDOM)
-FEATURE_SOURCES = (*CNN_SOURCES, HANDCRAFTED, FACTORS)
+FEATURE_SOURCES = (*CNN_SOURCES, IMAGENET, HANDCRAFTED, FACTORS)
 MODE_OF = {REGRESS: "regress", PSEUDO: "pseudo-class"}
 STYLE_MAP, STYLE_PROBE, CONTENT_PROBE, USER_RECALL = (
     "style_map@10", "style_probe_acc", "content_probe_acc", "user_recall@20")
 TASKS = (STYLE_MAP, STYLE_PROBE, CONTENT_PROBE, USER_RECALL)
-RECALL_SOURCES = (*CNN_SOURCES, HANDCRAFTED, POPULARITY)  # new projects have no factors
+# New projects have no factors.
+RECALL_SOURCES = (*CNN_SOURCES, IMAGENET, HANDCRAFTED, POPULARITY)
 MAP_K, RECALL_K = 10, 20
 
 
@@ -61,6 +64,8 @@ class EvalConfig:
     batch_size: int = 64
     workers: int = 2
     progress: bool = True
+    # ImageNet features need ImageNet-sized inputs; CI's tiny path may pass a smaller one.
+    imagenet_size: int = 224
 
 
 @dataclass
@@ -246,8 +251,11 @@ def _sample(rows: np.ndarray, limit: int | None, rng: np.random.Generator) -> np
 
 
 def build_models(catalog: Catalog, factors: Factors, sets: Sets, plan: Plan,
-                 work_dir: Path, seed: int, progress: bool) -> tuple[dict, np.ndarray | None]:
-    """{source: model} for the four CNN sources, and the pseudo-class centroids."""
+                 work_dir: Path, seed: int, progress: bool,
+                 seconds: dict | None = None) -> tuple[dict, np.ndarray | None]:
+    """{source: model} for the four CNN sources, and the pseudo-class centroids.
+    `seconds` collects each source's training time."""
+    seconds = {} if seconds is None else seconds
     item_factors = factors.item_factors[factors.item_rows(catalog.ids[sets.train])]
     paths = [catalog.paths[i] for i in sets.train]
     models, centroids = {}, None
@@ -257,17 +265,21 @@ def build_models(catalog: Catalog, factors: Factors, sets: Sets, plan: Plan,
             log.info("%s: the live CNN version %d", source, plan.live["row"]["id"])
             models[source] = plan.live["model"]
             continue
+        started = time.monotonic()
         targets = make_targets(item_factors, mode, k=plan.pseudo_classes, seed=seed)
         models[source] = train_source(source, paths, targets.values, targets.out_dim, mode,
                                       plan, work_dir, progress, reader=catalog.reader)
+        seconds[source] = time.monotonic() - started
         if mode == "pseudo-class":
             centroids = targets.centroids
     if live_mode == "pseudo-class":
         centroids = plan.live["centroids"]
     categories = catalog.category[sets.train]
+    started = time.monotonic()
     models[CATEGORY] = train_source(CATEGORY, paths, categories,
                                     int(catalog.category.max()) + 1, "pseudo-class", plan,
                                     work_dir, progress, reader=catalog.reader)
+    seconds[CATEGORY] = time.monotonic() - started
     models[RANDOM] = random_init(plan, factors.item_factors.shape[1], seed)
     return models, centroids
 
@@ -455,26 +467,47 @@ def run(conn, data_dir: Path, config: EvalConfig, work_dir: Path,
         reader: ImageReader | None = None) -> Outcome:
     inputs = prepare(conn, data_dir, config, reader)
     catalog, factors, plan, sets = inputs.catalog, inputs.factors, inputs.plan, inputs.sets
+    train_s: dict[str, float] = {}
     models, centroids = build_models(catalog, factors, sets, plan, work_dir, config.seed,
-                                     config.progress)
+                                     config.progress, train_s)
     if centroids is None:  # a live pseudo-class version that did not record its centroids
         centroids = _refit_centroids(catalog, factors, sets, models[PSEUDO], config.seed)
     recall = recall_protocol(conn, catalog, factors, inputs.factor_row, sets.new)
     history = np.concatenate([np.empty(0, np.int64), *(recall.history if recall else [])])
     pool = np.union1d(sets.held, history)
     pixels = read_images(catalog, pool, plan.model_config.image_size)
-    features, heads = {}, {}
+    features, heads, embed_s = {}, {}, {}
     for source, model in models.items():
         log.info("features: %s", source)
+        started = time.monotonic()
         features[source], heads[source] = cnn_outputs(model, pixels)
+        embed_s[source] = time.monotonic() - started
+    started = time.monotonic()
     features[HANDCRAFTED] = handcrafted_features(pixels)
+    embed_s[HANDCRAFTED] = time.monotonic() - started
+    started = time.monotonic()
+    features[IMAGENET] = imagenet_features(catalog, pool, config.imagenet_size)
+    embed_s[IMAGENET] = time.monotonic() - started
     at = {"held": np.searchsorted(pool, sets.held), "pool": pool}
     results = _image_results(catalog, factors, sets, features, at, config.seed)
     if recall is not None:
         results += _recall_results(recall, catalog, factors, features, heads, centroids, at)
     world = _world(inputs.truth, inputs.factor_row, inputs.cnn_row, plan, sets, recall)
+    world["imagenet_image_size"] = config.imagenet_size
+    world["seconds"] = {source: {"train": round(train_s.get(source, 0.0), 1),
+                                 "embed": round(embed_s[source], 1)} for source in embed_s}
     return Outcome(world, results, neighbours(catalog, factors, sets, features, at,
                                               config.seed))
+
+
+def imagenet_features(catalog: Catalog, rows: np.ndarray, image_size: int) -> np.ndarray:
+    """Frozen ImageNet MobileNetV2 features of the same serving view (centre square),
+    read again at the size ImageNet features need."""
+    from shared import imagenet
+
+    log.info("features: %s at %d px", IMAGENET, image_size)
+    pixels = read_images(catalog, rows, image_size)
+    return imagenet.features(pixels)  # on CUDA when present, as training does
 
 
 def _refit_centroids(catalog, factors, sets, model, seed) -> np.ndarray:
@@ -488,7 +521,7 @@ def _refit_centroids(catalog, factors, sets, model, seed) -> np.ndarray:
 def _image_results(catalog, factors, sets, features, at, seed) -> list[dict]:
     style, category = catalog.style[sets.held], catalog.category[sets.held]
     results = []
-    for source in (*CNN_SOURCES, HANDCRAFTED):
+    for source in (*CNN_SOURCES, IMAGENET, HANDCRAFTED):
         scores = image_tasks(features[source][at["held"]], style, category, seed)
         results += [result(task, source, score, len(sets.held))
                     for task, score in scores.items()]

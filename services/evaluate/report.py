@@ -36,12 +36,25 @@ def _cell(row: dict | None, row_n: int) -> str:
 
 def write_markdown(path: Path, world: dict, results: list[dict]) -> str:
     table = markdown_table(results)
-    about = ", ".join(f"{key} {value}" for key, value in world.items())
+    seconds = world.get("seconds", {})
+    about = ", ".join(f"{key} {value}" for key, value in world.items() if key != "seconds")
     text = (f"# Feature comparison on held-out projects\n\n{table}\n"
             f"World: {about}.\n\nDefinitions: docs/evaluation.md. CNN features are the "
-            "penultimate layer (global average pool), L2-normalized.\n")
+            "penultimate layer (global average pool), L2-normalized.\n"
+            + timing_table(seconds))
     Path(path).write_text(text)
     return table
+
+
+def timing_table(seconds: dict) -> str:
+    """Wall seconds per source: training (0 for frozen or hand-crafted features) and
+    computing the features of every evaluated image."""
+    if not seconds:
+        return ""
+    lines = ["", "| source | train s | embed s |", "|---|---|---|"]
+    lines += [f"| {source} | {t['train']:.1f} | {t['embed']:.1f} |"
+              for source, t in seconds.items()]
+    return "\n".join(lines) + "\n"
 
 
 def write_json(path: Path, world: dict, results: list[dict]) -> None:

@@ -77,7 +77,8 @@ def test_eval_writes_the_table_with_a_live_cnn(stored, tmp_path):
     cnn_id = world.insert_cnn_version(db_url, data_dir, factor_id, live,
                                       {"params": params, "centroids": None})
     out = tmp_path / "out"
-    outcome, report = run_eval(db_url, data_dir, out, "--max-projects", "150")
+    outcome, report = run_eval(db_url, data_dir, out, "--max-projects", "150",
+                               "--imagenet-size", "64")
 
     assert set(report) == {"world", "results"}
     info = report["world"]
@@ -96,6 +97,11 @@ def test_eval_writes_the_table_with_a_live_cnn(stored, tmp_path):
     for name in (*TASKS, *FEATURE_SOURCES, POPULARITY):
         assert name in table and name in outcome.output
     assert (out / "neighbours.png").stat().st_size > 10_000
+    # Per-source train and embed time; frozen ImageNet features train for nothing.
+    assert info["imagenet_image_size"] == 64
+    assert info["seconds"]["imagenet"]["train"] == 0 and info["seconds"]["imagenet"]["embed"] > 0
+    assert info["seconds"]["collaborative-regress"]["embed"] > 0
+    assert "| imagenet |" in table
 
 
 def test_collaborative_learns_style_and_category_learns_content(stored, tmp_path):
