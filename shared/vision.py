@@ -25,13 +25,18 @@ from torch.utils.data import DataLoader, Dataset
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 FORMAT_VERSION = 1
+BACKBONES = ("small", "resnet18", "mobilenet_v2")
+
+
+class WeightsError(ValueError):
+    """A weights file is missing or does not fit the network; the message is one line."""
 
 ImageInput = str | os.PathLike | Image.Image
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    backbone: str = "small"  # "small" | "resnet18"
+    backbone: str = "small"  # "small" | "resnet18" | "mobilenet_v2"
     out_dim: int = 32  # factor dimension (regress) or number of pseudo-classes
     head: str = "linear"  # "linear" | "mlp"
     head_hidden: int = 256
@@ -41,7 +46,7 @@ class ModelConfig:
     stem: str = "small-image"  # resnet18 only: "small-image" (/2) | "imagenet" (/4)
 
     def __post_init__(self) -> None:
-        if self.backbone not in ("small", "resnet18"):
+        if self.backbone not in BACKBONES:
             raise ValueError(f"unknown backbone {self.backbone!r}")
         if self.head not in ("linear", "mlp"):
             raise ValueError(f"unknown head {self.head!r}")
@@ -86,12 +91,28 @@ def _resnet18_backbone(stem: str) -> tuple[nn.Module, int]:
     return net, 512
 
 
+class _MobileNetV2Backbone(nn.Module):
+    """torchvision's mobilenet_v2 feature blocks, global-average pooled (1280-d). The
+    attribute is named `features` as in torchvision, so its checkpoints load by name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from torchvision.models import mobilenet_v2
+
+        self.features = mobilenet_v2(weights=None).features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x).mean((2, 3))
+
+
 class CofeatNet(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
         if config.backbone == "small":
             self.backbone, self.feature_dim = _small_backbone()
+        elif config.backbone == "mobilenet_v2":
+            self.backbone, self.feature_dim = _MobileNetV2Backbone(), 1280
         else:
             self.backbone, self.feature_dim = _resnet18_backbone(config.stem)
         if config.head == "linear":
@@ -124,9 +145,19 @@ def load_backbone_weights(model: CofeatNet, path: str | os.PathLike) -> dict[str
     """Copy matching tensors from a local state_dict file into the backbone.
 
     Accepts a plain torchvision state_dict or a cofeat model file. Tensors whose name or
-    shape differ (the adapted stem, the classifier) are skipped and reported, not fatal.
+    shape differ (the adapted stem, the classifier) are skipped and reported; a file that
+    fills less than half of the backbone (another architecture) is a WeightsError.
     """
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"weights file {path} does not exist")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - any unreadable file is the same user error
+        raise WeightsError(f"weights file {path} is not a torch state_dict: "
+                           f"{type(error).__name__}") from None
+    if not isinstance(payload, dict):
+        raise WeightsError(f"weights file {path} holds no state_dict")
     state = payload.get("state_dict", payload)
     prefix = "backbone." if any(k.startswith("backbone.") for k in state) else ""
     own = model.backbone.state_dict()
@@ -140,6 +171,9 @@ def load_backbone_weights(model: CofeatNet, path: str | os.PathLike) -> dict[str
             loaded.append(key)
         else:
             skipped.append(key)
+    if len(loaded) < len(own) / 2:
+        raise WeightsError(f"weights file {path} does not fit the {model.config.backbone} "
+                           f"backbone: {len(loaded)} of its {len(own)} tensors match")
     model.backbone.load_state_dict(own)
     return {"loaded": loaded, "skipped": skipped}
 

@@ -14,7 +14,8 @@ def main(
     out: Annotated[Path, typer.Option(help="writes eval.md, eval.json, neighbours.png")],
     epochs: Annotated[int, typer.Option(
         min=1, help="training epochs (ignored when a live CNN recorded its own)")] = 10,
-    backbone: Annotated[str, typer.Option(help="small | resnet18 (without a live CNN)")] = (
+    backbone: Annotated[str, typer.Option(
+        help="small | resnet18 | mobilenet_v2 (without a live CNN)")] = (
         "small"),
     image_size: Annotated[int, typer.Option(min=16, help="without a live CNN")] = 64,
     seed: Annotated[int, typer.Option(min=0)] = 0,
@@ -45,8 +46,8 @@ def main(
     except SettingsError as error:
         exit_on_settings_error(error)
     setup_logging(settings, "eval")
-    if backbone not in ("small", "resnet18"):
-        raise typer.BadParameter("small or resnet18", param_hint="--backbone")
+    if backbone not in ("small", "resnet18", "mobilenet_v2"):
+        raise typer.BadParameter("small, resnet18 or mobilenet_v2", param_hint="--backbone")
     config = EvalConfig(epochs=epochs, backbone=backbone, image_size=image_size, seed=seed,
                         max_projects=max_projects, val_fraction=val_fraction,
                         pseudo_classes=pseudo_classes, batch_size=batch_size,

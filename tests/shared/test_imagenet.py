@@ -50,3 +50,47 @@ def test_missing_or_mismatched_weights_are_one_line_errors(tmp_path):
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(imagenet.WeightsError, match="not a torch state_dict"):
         imagenet.mobilenet_v2(tmp_path / "junk.pth")
+
+
+def test_fine_tuning_from_imagenet_lowers_the_loss_on_tiny(tmp_path):
+    """mobilenet_v2 started from the packaged ImageNet weights, trained on the tiny world's
+    images to a style-driven target, ends its run with a lower loss than it began."""
+    from services.simulate.render import render_image
+    from services.simulate.world import build_world, preset
+    from shared.training.train import Split, TrainConfig, train
+    from shared.vision import ModelConfig, build_model, load_backbone_weights, save_model
+
+    world = build_world(preset("tiny"))
+    paths = []
+    for j in range(96):
+        paths.append(str(tmp_path / f"{j}.png"))
+        Image.fromarray(render_image(world, j, 64)).save(paths[-1])
+    targets = np.random.default_rng(0).normal(size=(world.config.n_styles, 8))[world.style[:96]]
+    config = ModelConfig(backbone="mobilenet_v2", out_dim=8, image_size=64)
+    start = build_model(config)
+    report = load_backbone_weights(start, imagenet.init_weights("mobilenet_v2", "imagenet",
+                                                                None))
+    assert all(k.startswith("classifier") for k in report["skipped"])
+    assert len(report["loaded"]) > 300
+    init = save_model(tmp_path / "init.pt", start)
+    result = train(config, Split(paths, targets.astype(np.float32)), None,
+                   TrainConfig(epochs=4, batch_size=16, warmup_steps=4, lr=1e-3,
+                               num_workers=0), tmp_path / "run", init_from=init,
+                   device=torch.device("cpu"))
+    losses = [row["train_loss"] for row in result.history]
+    assert losses[-1] < losses[0], losses
+
+
+def test_init_weights_resolution_and_errors(tmp_path):
+    assert imagenet.init_weights("small", "scratch", None) is None
+    assert imagenet.init_weights("mobilenet_v2", "imagenet", None) == imagenet.weights_path()
+    assert imagenet.init_weights("resnet18", "scratch", tmp_path / "r.pth") == tmp_path / "r.pth"
+    with pytest.raises(imagenet.WeightsError, match="needs COFEAT_CNN_WEIGHTS"):
+        imagenet.init_weights("resnet18", "imagenet", None)
+    from shared.vision import ModelConfig, build_model, load_backbone_weights
+
+    model = build_model(ModelConfig(backbone="resnet18"))
+    with pytest.raises(imagenet.WeightsError, match="does not fit the resnet18 backbone"):
+        load_backbone_weights(model, imagenet.weights_path())
+    with pytest.raises(imagenet.WeightsError, match="does not exist"):
+        load_backbone_weights(model, tmp_path / "missing.pth")

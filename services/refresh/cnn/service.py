@@ -105,8 +105,10 @@ def _plan(conn, settings: Settings, parent: dict | None, full: bool) -> tuple[st
         return "full", "no live model"
     wanted = {"backbone": settings.cnn_backbone, "image_size": settings.cnn_image_size,
               "mode": settings.cnn_mode, "feature": settings.cnn_feature,
-              "stem": settings.cnn_stem}
-    had = {key: parent["params"].get(key) for key in wanted}
+              "stem": settings.cnn_stem, "init": settings.cnn_init}
+    # Versions from before COFEAT_CNN_INIT existed started from scratch.
+    had = {key: parent["params"].get(key, "scratch" if key == "init" else None)
+           for key in wanted}
     if had != wanted:
         return "full", f"parameters changed: {had} -> {wanted}"
     since = conn.execute(
@@ -212,15 +214,19 @@ def _factors_of(settings: Settings, conn, version_id: int | None):
 
 
 def _pretrained(settings: Settings, config: ModelConfig, run_dir: Path) -> Path | None:
-    """Backbone weights from a local file (nothing can be downloaded), as a start model."""
-    if settings.cnn_pretrained is None:
+    """Backbone weights from a local file (nothing can be downloaded), as a start model:
+    COFEAT_CNN_WEIGHTS, or the packaged ImageNet file with COFEAT_CNN_INIT=imagenet."""
+    from shared.imagenet import init_weights
+
+    path = init_weights(settings.cnn_backbone, settings.cnn_init, settings.cnn_weights)
+    if path is None:
         return None
     from shared.vision import build_model, load_backbone_weights, save_model
 
     model = build_model(config)
-    report = load_backbone_weights(model, settings.cnn_pretrained)
+    report = load_backbone_weights(model, path)
     log.info("pretrained backbone from %s: %d tensors loaded, %d skipped",
-             settings.cnn_pretrained, len(report["loaded"]), len(report["skipped"]))
+             path, len(report["loaded"]), len(report["skipped"]))
     return save_model(run_dir / "pretrained.pt", model, config)
 
 
@@ -247,6 +253,7 @@ def _run_dir(settings: Settings, factor_id: int, parent: dict | None, mode: str,
 
 def _params(settings: Settings, config: ModelConfig, mode: str, targets) -> dict:
     return {**asdict(config), "mode": settings.cnn_mode, "refresh": mode,
+            "init": settings.cnn_init,
             "loss": settings.cnn_loss, "epochs": settings.cnn_epochs
             if mode == "full" else settings.cnn_refresh_epochs,
             "val_fraction": settings.cnn_val_fraction,
