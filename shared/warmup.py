@@ -43,7 +43,7 @@ class WarmParams:
     alpha: float
     eps: float
     regularization: float
-    strength: float = 1.0
+    strength: float = 3.0
 
     @classmethod
     def from_settings(cls, settings) -> WarmParams:

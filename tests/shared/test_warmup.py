@@ -17,7 +17,8 @@ from shared.warmup import (
     space,
 )
 
-PARAMS = WarmParams(weights=(1.0, 4.0, 4.0, 8.0), alpha=4.0, eps=1.0, regularization=0.05)
+PARAMS = WarmParams(weights=(1.0, 4.0, 4.0, 8.0), alpha=4.0, eps=1.0, regularization=0.05,
+                    strength=1.0)
 K = 8
 
 
