@@ -13,6 +13,9 @@ from shared.settings import Settings
 
 PROJECTS = "cofeat_projects"
 USERS = "cofeat_users"
+# New projects' warm-up vectors (services/embedder/warmup.py): an overlay on PROJECTS for
+# "projects for a user" only, same schema; a project without a row here has none to add.
+WARM = "cofeat_projects_warm"
 VECTOR_FIELD = "embedding"
 STATE_VERSION = "state_version"
 PROJECT_KEY = "project_id"

@@ -218,6 +218,14 @@ class Settings(BaseSettings):
     embed_standby_poll_s: float = Field(
         2.0, gt=0, description="how often a standby replica tries to take the leader lock")
 
+    # Warm-up of new projects (shared/warmup.py, services/embedder/warmup.py): projects the
+    # live CNN's factor version does not know get their first interactions folded in.
+    warm_enabled: bool = Field(True, description="keep the warm-up collection up to date")
+    warm_poll_s: float = Field(2.0, gt=0, description="how often to look for new interactions")
+    warm_prior_strength: float = Field(
+        3.0, gt=0, description="weight of the CNN's vector against the interactions, in "
+        "units of ALS's item regulariser (Y'Y + lambda I)")
+
     # CNN refresh (services/refresh/cnn): image -> latent factor.
     cnn_mode: Literal["regress", "pseudo-class"] = "regress"
     cnn_loss: Literal["cosine", "mse"] = "cosine"

@@ -40,3 +40,7 @@ LEADER = Gauge("cofeat_embed_leader", "1 while this replica holds the embedder l
 def live_model(version: int) -> None:
     LIVE_MODEL.set(version)
     MODEL_VERSION.labels("cnn", "embed").set(version)
+
+
+WARM_PROJECTS = Counter("cofeat_embed_warm_projects_total",
+                        "Warm-up vectors of new projects written (a fold-in each)")

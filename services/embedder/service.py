@@ -4,7 +4,9 @@
 - lifecycle.py: which model serves, backfills of new ones (backfill.py), alias swaps;
 - failures.py: images retried after an interval, then parked;
 - reconcile.py: the live collection compared with Postgres, drift repaired;
-- writer.py: the one write path into Milvus, for all of them.
+- writer.py: the one write path into Milvus, for all of them;
+- warmup.py: new projects' first interactions folded into their vectors, in a collection
+  of their own (the live one keeps the image vectors).
 
 Everything runs in one thread, in turn, so writes never race: a backfill is a sequence of
 short steps between stream batches (each about COFEAT_EMBED_BACKFILL_STEP_S long, which
@@ -29,6 +31,7 @@ from services.embedder.database import Database
 from services.embedder.lifecycle import Lifecycle
 from services.embedder.reconcile import Reconciler
 from services.embedder.stream import Stream
+from services.embedder.warmup import WarmUp
 from services.embedder.writer import Writer, Written
 from shared.db.locks import SessionLock
 from shared.images import ImageReader
@@ -55,6 +58,8 @@ class Embedder:
         self.reconciler = Reconciler(settings, self.milvus, self.db, self.writer,
                                      lambda: self.lifecycle.live, self.caught_up, self.record)
         self.next_retry = 0.0
+        self.warmup = WarmUp(settings, self.milvus, self.db, lambda: self.lifecycle.live,
+                             self.confirm_leading)
 
     def record(self, wanted: dict, written: Written) -> None:
         failures.commit(self.db(), self.settings, written, wanted)
@@ -143,7 +148,7 @@ class Embedder:
                 return False
             for part in (self.stream_step, self.lifecycle.backfill_step, self.retry_step,
                          self.reconciler.step, self.lifecycle.drop_retired,
-                         self.lifecycle.reload_after_outage):
+                         self.lifecycle.reload_after_outage, self.warmup.step):
                 timed(part)
             if self.drain and self.drained():
                 log.info("backfills done and caught up on every partition; draining done")

@@ -11,7 +11,8 @@ from shared.settings import SettingsError, exit_on_settings_error, load_settings
 
 
 def main(
-    out: Annotated[Path, typer.Option(help="writes eval.md, eval.json, neighbours.png")],
+    out: Annotated[Path, typer.Option(
+        help="writes eval.md, eval.json, neighbours.png, warmup.png")],
     epochs: Annotated[int, typer.Option(
         min=1, help="training epochs (ignored when a live CNN recorded its own)")] = 10,
     backbone: Annotated[str, typer.Option(
@@ -35,7 +36,7 @@ def main(
     import os
 
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: halves CPU under load
-    from services.evaluate import report
+    from services.evaluate import report, warmup
     from services.evaluate.evaluate import EvalConfig, EvalError, run
     from shared.db.connect import connect
     from shared.images import ImageReader
@@ -63,4 +64,6 @@ def main(
     table = report.write_markdown(out / "eval.md", outcome.world, outcome.results)
     report.write_json(out / "eval.json", outcome.world, outcome.results)
     report.plot_neighbours(out / "neighbours.png", outcome.neighbours)
+    warmup.plot(out / "warmup.png", outcome.results)
     typer.echo(table)
+    typer.echo(warmup.markdown(outcome.results))

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from services.evaluate import warmup
 from services.evaluate.features import handcrafted_features
 from services.evaluate.metrics import linear_probe, map_at_k, recall_at_k, user_profiles
 from shared import groundtruth
@@ -492,6 +493,7 @@ def run(conn, data_dir: Path, config: EvalConfig, work_dir: Path,
     results = _image_results(catalog, factors, sets, features, at, config.seed)
     if recall is not None:
         results += _recall_results(recall, catalog, factors, features, heads, centroids, at)
+    results += warm_up_curve(conn, data_dir, catalog, factors, sets, heads, at)
     world = _world(inputs.truth, inputs.factor_row, inputs.cnn_row, plan, sets, recall)
     world["imagenet_image_size"] = config.imagenet_size
     world["seconds"] = {source: {"train": round(train_s.get(source, 0.0), 1),
@@ -508,6 +510,18 @@ def imagenet_features(catalog: Catalog, rows: np.ndarray, image_size: int) -> np
     log.info("features: %s at %d px", IMAGENET, image_size)
     pixels = read_images(catalog, rows, image_size)
     return imagenet.features(pixels)  # on CUDA when present, as training does
+
+
+def warm_up_curve(conn, data_dir, catalog, factors, sets, heads, at) -> list[dict]:
+    """The collaborative CNN's vectors of the new projects, warmed up (evaluate/warmup.py)."""
+    from shared.settings import load_settings
+
+    if not len(sets.new):
+        return []
+    vectors = factor_space(REGRESS, heads[REGRESS][np.searchsorted(at["pool"], sets.new)],
+                           None)
+    params = warmup.fold.WarmParams.from_settings(load_settings(data_dir=data_dir))
+    return warmup.curve(conn, catalog.ids[sets.new], vectors, factors, params)
 
 
 def _refit_centroids(catalog, factors, sets, model, seed) -> np.ndarray:

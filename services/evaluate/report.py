@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from services.evaluate import warmup
 from services.evaluate.evaluate import FEATURE_SOURCES, POPULARITY, TASKS
 
 COLUMNS = (*FEATURE_SOURCES, POPULARITY)
@@ -42,6 +43,8 @@ def write_markdown(path: Path, world: dict, results: list[dict]) -> str:
             f"World: {about}.\n\nDefinitions: docs/evaluation.md. CNN features are the "
             "penultimate layer (global average pool), L2-normalized.\n"
             + timing_table(seconds))
+    curve = warmup.markdown(results)
+    text += f"\n{curve}" if curve else ""
     Path(path).write_text(text)
     return table
 

@@ -19,6 +19,7 @@ from services.refresh.factors.read import distinct
 from shared.events import InteractionType
 from shared.filtering import filter_popularity
 from shared.settings import Settings
+from shared.warmup import confidence  # one formula for the refresh and the warm-up
 
 # Values closer than this are the same confidence: sums may be added in another order.
 SAME_VALUE = 1e-5
@@ -77,10 +78,6 @@ class Change:
     items: np.ndarray  # columns of the current matrix to re-solve
     changed_nnz: int
     drift: float  # changed_nnz / current nnz
-
-
-def confidence(sums: np.ndarray, alpha: float, eps: float) -> np.ndarray:
-    return (1.0 + alpha * np.log1p(sums / eps)).astype(np.float32)
 
 
 def user_hash(user_ids: np.ndarray) -> np.ndarray:

@@ -1,0 +1,109 @@
+"""The warm-up against the real servers: as interactions reach Postgres, a new project's
+row in the warm-up collection moves towards its behavioural factor, while the live
+projects collection keeps the image vector."""
+
+from __future__ import annotations
+
+import itertools
+import uuid
+
+import numpy as np
+import psycopg
+
+from services.embedder.service import Embedder
+from shared import milvus as contract
+from shared import warmup as fold
+from shared.factors import factor_version, load_factors
+from tests.services.embedder.conftest import (
+    client,
+    make_cnn,
+    make_factors,
+    rows,
+    seed_projects,
+    settle,
+)
+
+USERS = list(range(1, 61))
+
+
+def interact(db_url: str, pairs: list[tuple[int, int, int]]) -> None:
+    """(user, project, type) interactions, stored as ingest stores them (one transaction)."""
+    with psycopg.connect(db_url) as conn:
+        for user, project, kind in pairs:
+            conn.execute("INSERT INTO interactions (event_id, user_id, project_id, type, ts) "
+                         "VALUES (%s, %s, %s, %s, now())",
+                         (uuid.uuid4().hex, user, project, kind))
+
+
+def cosine(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def test_new_project_warms_up_towards_its_behavioural_factor(esettings, db_url):
+    settings = esettings.model_copy(update={"warm_poll_s": 0.2})
+    fv = make_factors(settings, db_url, USERS)
+    cnn = make_cnn(settings, db_url, factor_version=fv)
+    seed_projects(settings, db_url, 3)
+    with psycopg.connect(db_url) as conn:
+        factors = load_factors(settings.data_dir, factor_version(conn, fv))
+    params = fold.WarmParams.from_settings(settings)
+    space = fold.space(factors.user_factors, factors.item_factors, params.regularization)
+    # The project's audience: the users whose factors point one hidden way.
+    hidden = np.random.default_rng(7).normal(size=factors.user_factors.shape[1])
+    fans = [USERS[i] for i in np.argsort(-(factors.user_factors @ hidden))]
+    everyone = [(user, 1, fold.APPRECIATE) for user in fans[:40]]
+    target = fold.behavioural(factors.user_rows([u for u, _, _ in everyone]),
+                              np.full(40, 4.0), space, params)
+
+    embedder = Embedder(settings)
+    c = client(settings)
+    warm = contract.alias(settings, contract.WARM)
+    live = contract.alias(settings, contract.PROJECTS)
+    try:
+        embedder.start()
+        settle(embedder)
+        image_vector = rows(c, live, [1])[1]["embedding"]
+        seen, closeness = 0, []
+        for upto in (1, 3, 10, 40):
+            interact(db_url, everyone[seen:upto])
+            seen = upto
+            users = factors.user_rows([u for u, _, _ in everyone[:upto]])
+            want = fold.fold_in(np.asarray(image_vector), users, np.full(upto, 4.0), space,
+                                params)
+
+            def arrived(want=want) -> bool:
+                found = c.has_collection(warm) and rows(c, warm, [1]).get(1)
+                return bool(found) and cosine(found["embedding"], want) > 0.99999
+
+            settle(embedder, until=arrived, timeout_s=60)
+            closeness.append(cosine(rows(c, warm, [1])[1]["embedding"], target))
+        assert closeness == sorted(closeness) and closeness[-1] > 0.9, closeness
+        assert closeness[0] < closeness[-1]
+        held = rows(c, warm)
+        assert set(held) == {1}, "projects without interactions keep the CNN vector only"
+        assert held[1]["model_version"] == cnn
+        # The live collection is untouched: similar images stay image similarity.
+        assert cosine(rows(c, live, [1])[1]["embedding"], image_vector) > 0.99999
+    finally:
+        c.close()
+        embedder.close()
+
+
+def test_interactions_of_unknown_users_and_known_projects_are_left_out(esettings, db_url):
+    """Only users with a factor pull; a project the factor version knows is not new."""
+    from services.embedder.warmup import Warm
+    from shared.warmup import APPRECIATE
+
+    settings = esettings
+    fv = make_factors(settings, db_url, USERS)
+    with psycopg.connect(db_url) as conn:
+        factors = load_factors(settings.data_dir, factor_version(conn, fv))
+    factors.item_ids = np.array([5], np.int64)
+    factors.item_factors = np.ones((1, factors.user_factors.shape[1]), np.float32)
+    state = Warm(1, "x", factors, fold.space(factors.user_factors, factors.item_factors, 0.05))
+    touched = state.add(np.array([[1, 2, APPRECIATE], [999, 3, APPRECIATE],
+                                  [2, 5, APPRECIATE]], dtype=np.int64))
+    assert touched == {2}
+    assert state.events == {2: [(0, APPRECIATE)]}
+    assert list(itertools.chain(*state.events.values())) == [(0, APPRECIATE)]
