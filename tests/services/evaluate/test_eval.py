@@ -12,6 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from services.cli import app
+from services.evaluate import warmup
 from services.evaluate.evaluate import (
     CATEGORY,
     CONTENT_PROBE,
@@ -88,8 +89,15 @@ def test_eval_writes_the_table_with_a_live_cnn(stored, tmp_path):
     expected = {(task, source) for task in TASKS if task != USER_RECALL
                 for source in FEATURE_SOURCES}
     expected |= {(USER_RECALL, source) for source in RECALL_SOURCES}
-    got = [(r["task"], r["features"]) for r in report["results"]]
+    curve = [r for r in report["results"] if "seen" in r]
+    got = [(r["task"], r["features"]) for r in report["results"] if "seen" not in r]
     assert sorted(got) == sorted(expected)
+    # The warm-up curve: CNN and warm vectors at every N, popularity once anything is seen.
+    assert curve and {r["task"] for r in curve} == {warmup.TASK}
+    for seen in {r["seen"] for r in curve}:
+        sources = {r["features"] for r in curve if r["seen"] == seen}
+        want = {warmup.CNN, warmup.WARM} | ({warmup.POPULARITY} if seen else set())
+        assert sources == want, (seen, sources)
     for row in report["results"]:
         assert 0.0 <= row["score"] <= 1.0, row
         assert row["n"] > 0
