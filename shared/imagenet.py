@@ -8,6 +8,7 @@ the repository. Its metadata pins torch 1.6, so it is installed with `--no-deps`
 
 from __future__ import annotations
 
+import logging
 import os
 from importlib import resources
 from pathlib import Path
@@ -23,8 +24,11 @@ WEIGHTS_FILE = "mobilenet_v2-b0353104.pth"
 FEATURE_DIM = 1280  # global-pooled output of the last feature block
 DEFAULT_SIZE = 224  # the input size ImageNet features were trained at
 
+log = logging.getLogger(__name__)
 
-__all__ = ["WeightsError", "features", "init_weights", "mobilenet_v2", "weights_path"]
+
+__all__ = ["WeightsError", "features", "init_weights", "mobilenet_v2", "start_model",
+           "weights_path"]
 
 
 def init_weights(backbone: str, init: str, weights: str | os.PathLike | None) -> Path | None:
@@ -39,6 +43,20 @@ def init_weights(backbone: str, init: str, weights: str | os.PathLike | None) ->
         raise WeightsError(f"COFEAT_CNN_INIT=imagenet for {backbone} needs COFEAT_CNN_WEIGHTS "
                            "(only mobilenet_v2's ImageNet weights are packaged)")
     return weights_path()
+
+
+def start_model(config, weights: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """A cofeat model file of `config` (a shared.vision.ModelConfig) whose backbone holds
+    the tensors of `weights` that fit; training starts from it (`train(init_from=...)`)."""
+    from shared.vision import build_model, load_backbone_weights, save_model
+
+    model = build_model(config)
+    report = load_backbone_weights(model, weights)
+    log.info(
+        "pretrained backbone from %s: %d tensors loaded, %d skipped", weights,
+        len(report["loaded"]), len(report["skipped"]))
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    return save_model(Path(out), model, config)
 
 
 def weights_path() -> Path:

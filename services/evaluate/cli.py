@@ -31,6 +31,12 @@ def main(
         min=32, envvar="COFEAT_EVAL_IMAGENET_SIZE",
         help="input size of the frozen ImageNet features (224: what they were trained at; "
              "smaller is faster and weaker)")] = 224,
+    imagenet_init: Annotated[bool, typer.Option(
+        help="also fine-tune the collaborative and category-supervised CNNs from ImageNet "
+             "(mobilenet_v2, the packaged weights)")] = True,
+    imagenet_init_epochs: Annotated[int, typer.Option(
+        min=1, envvar="COFEAT_EVAL_IMAGENET_INIT_EPOCHS",
+        help="epochs of those fine-tunes")] = 3,
 ) -> None:
     """Compare collaborative CNN features with baselines on projects the CNN never saw."""
     import os
@@ -52,7 +58,9 @@ def main(
     config = EvalConfig(epochs=epochs, backbone=backbone, image_size=image_size, seed=seed,
                         max_projects=max_projects, val_fraction=val_fraction,
                         pseudo_classes=pseudo_classes, batch_size=batch_size,
-                        workers=workers, imagenet_size=imagenet_size)
+                        workers=workers, imagenet_size=imagenet_size,
+                        imagenet_init=imagenet_init,
+                        imagenet_init_epochs=imagenet_init_epochs)
     out.mkdir(parents=True, exist_ok=True)
     try:
         with connect(settings) as conn:

@@ -34,9 +34,15 @@ REGRESS, PSEUDO = "collaborative-regress", "collaborative-pseudo-class"
 CATEGORY, RANDOM = "category-supervised", "random-init"
 HANDCRAFTED, FACTORS, POPULARITY = "handcrafted", "latent-factors", "popularity"
 IMAGENET = "imagenet"  # frozen ImageNet MobileNetV2, the paper's middle column
-CNN_SOURCES = (REGRESS, PSEUDO, CATEGORY, RANDOM)
+REGRESS_IN, CATEGORY_IN = "collaborative (ImageNet init)", "category-supervised (ImageNet init)"
+# The twins fine-tuned from ImageNet: mobilenet_v2, same images, size and targets.
+IMAGENET_INIT = {REGRESS_IN: REGRESS, CATEGORY_IN: CATEGORY}
+IMAGENET_BACKBONE = "mobilenet_v2"
+CNN_SOURCES = (REGRESS, PSEUDO, CATEGORY, RANDOM, *IMAGENET_INIT)
 FEATURE_SOURCES = (*CNN_SOURCES, IMAGENET, HANDCRAFTED, FACTORS)
 MODE_OF = {REGRESS: "regress", PSEUDO: "pseudo-class"}
+# Sources whose head predicts an item factor direction (user_recall ranks with it).
+HEAD_MODE = {**MODE_OF, REGRESS_IN: "regress"}
 STYLE_MAP, STYLE_PROBE, CONTENT_PROBE, USER_RECALL = (
     "style_map@10", "style_probe_acc", "content_probe_acc", "user_recall@20")
 TASKS = (STYLE_MAP, STYLE_PROBE, CONTENT_PROBE, USER_RECALL)
@@ -67,6 +73,9 @@ class EvalConfig:
     progress: bool = True
     # ImageNet features need ImageNet-sized inputs; CI's tiny path may pass a smaller one.
     imagenet_size: int = 224
+    # The ImageNet-initialised twins; fine-tuning needs fewer epochs than training from scratch.
+    imagenet_init: bool = True
+    imagenet_init_epochs: int = 3
 
 
 @dataclass
@@ -285,17 +294,45 @@ def build_models(catalog: Catalog, factors: Factors, sets: Sets, plan: Plan,
     return models, centroids
 
 
+def build_imagenet_init(catalog: Catalog, factors: Factors, sets: Sets, plan: Plan,
+                        work_dir: Path, config: EvalConfig,
+                        seconds: dict) -> dict[str, CofeatNet]:
+    """The collaborative (regress) and category-supervised CNNs again, as production would
+    train them: mobilenet_v2 fine-tuned from the packaged ImageNet weights."""
+    from shared import imagenet
+
+    weights = imagenet.weights_path()
+    twin = replace(plan, model_config=replace(plan.model_config, backbone=IMAGENET_BACKBONE),
+                   train_config=replace(plan.train_config, epochs=config.imagenet_init_epochs))
+    paths = [catalog.paths[i] for i in sets.train]
+    item_factors = factors.item_factors[factors.item_rows(catalog.ids[sets.train])]
+    regress = make_targets(item_factors, "regress", seed=config.seed)
+    jobs = {REGRESS_IN: (regress.values, regress.out_dim, "regress"),
+            CATEGORY_IN: (catalog.category[sets.train], int(catalog.category.max()) + 1,
+                          "pseudo-class")}
+    models = {}
+    for source, (targets, out_dim, mode) in jobs.items():
+        started = time.monotonic()
+        start = imagenet.start_model(replace(twin.model_config, out_dim=out_dim), weights,
+                                     work_dir / source / "imagenet.pt")
+        models[source] = train_source(source, paths, targets, out_dim, mode, twin, work_dir,
+                                      config.progress, reader=catalog.reader, init_from=start)
+        seconds[source] = time.monotonic() - started
+    return models
+
+
 def train_source(source: str, paths: list[str], targets: np.ndarray, out_dim: int, mode: str,
                  plan: Plan, work_dir: Path, progress: bool,
                  on_epoch: EpochHook | None = None,
-                 reader: ImageReader | None = None) -> CofeatNet:
+                 reader: ImageReader | None = None,
+                 init_from: Path | None = None) -> CofeatNet:
     log.info("training %s on %d projects, %d epochs", source, len(paths),
              plan.train_config.epochs)
     model_config = replace(plan.model_config, out_dim=out_dim)
     config = replace(plan.train_config, mode=mode)
     # Its own folder per source: train() resumes from checkpoints there after a crash.
     result = train(model_config, Split(paths, targets, reader=reader), None, config,
-                   work_dir / source,
+                   work_dir / source, init_from=init_from,
                    on_epoch=on_epoch, progress=progress, device=torch.device("cpu"))
     return result.model.eval()
 
@@ -356,7 +393,7 @@ def l2(x: np.ndarray) -> np.ndarray:
 def factor_space(source: str, head: np.ndarray, centroids: np.ndarray | None) -> np.ndarray:
     """A collaborative CNN's prediction of an item factor direction: the normalized
     regression output, or the softmax-weighted mean of the K-means centroids."""
-    if source == REGRESS:
+    if HEAD_MODE[source] == "regress":
         return l2(head)
     probs = torch.softmax(torch.as_tensor(head), dim=1).numpy()
     return probs @ centroids
@@ -454,7 +491,7 @@ def user_recall(source: str, recall: Recall, factors: Factors, item_vectors: np.
     the profile of the non-collaborative sources."""
     if source == POPULARITY:
         users, items = np.ones((len(recall.users), 1)), recall.popularity[:, None]
-    elif source in MODE_OF:
+    elif source in HEAD_MODE:
         users, items = factors.user_factors[factors.user_rows(recall.users)], item_vectors
     else:
         users, items = user_profiles(profile_vectors, recall.history), l2(item_vectors)
@@ -473,6 +510,9 @@ def run(conn, data_dir: Path, config: EvalConfig, work_dir: Path,
                                      config.progress, train_s)
     if centroids is None:  # a live pseudo-class version that did not record its centroids
         centroids = _refit_centroids(catalog, factors, sets, models[PSEUDO], config.seed)
+    if config.imagenet_init:
+        models.update(build_imagenet_init(catalog, factors, sets, plan, work_dir, config,
+                                          train_s))
     recall = recall_protocol(conn, catalog, factors, inputs.factor_row, sets.new)
     history = np.concatenate([np.empty(0, np.int64), *(recall.history if recall else [])])
     pool = np.union1d(sets.held, history)
@@ -496,6 +536,10 @@ def run(conn, data_dir: Path, config: EvalConfig, work_dir: Path,
     results += warm_up_curve(conn, data_dir, catalog, factors, sets, heads, at)
     world = _world(inputs.truth, inputs.factor_row, inputs.cnn_row, plan, sets, recall)
     world["imagenet_image_size"] = config.imagenet_size
+    if config.imagenet_init:
+        world["imagenet_init"] = {"backbone": IMAGENET_BACKBONE,
+                                  "epochs": config.imagenet_init_epochs,
+                                  "image_size": plan.model_config.image_size}
     world["seconds"] = {source: {"train": round(train_s.get(source, 0.0), 1),
                                  "embed": round(embed_s[source], 1)} for source in embed_s}
     return Outcome(world, results, neighbours(catalog, factors, sets, features, at,
@@ -535,7 +579,7 @@ def _refit_centroids(catalog, factors, sets, model, seed) -> np.ndarray:
 def _image_results(catalog, factors, sets, features, at, seed) -> list[dict]:
     style, category = catalog.style[sets.held], catalog.category[sets.held]
     results = []
-    for source in (*CNN_SOURCES, IMAGENET, HANDCRAFTED):
+    for source in [s for s in (*CNN_SOURCES, IMAGENET, HANDCRAFTED) if s in features]:
         scores = image_tasks(features[source][at["held"]], style, category, seed)
         results += [result(task, source, score, len(sets.held))
                     for task, score in scores.items()]
@@ -550,8 +594,8 @@ def _image_results(catalog, factors, sets, features, at, seed) -> list[dict]:
 def _recall_results(recall, catalog, factors, features, heads, centroids, at) -> list[dict]:
     candidates = np.searchsorted(at["pool"], recall.candidates)
     results = []
-    for source in RECALL_SOURCES:
-        if source in MODE_OF:
+    for source in [s for s in RECALL_SOURCES if s in features or s == POPULARITY]:
+        if source in HEAD_MODE:
             items = factor_space(source, heads[source][candidates], centroids)
             score = user_recall(source, recall, factors, items, None)
         elif source == POPULARITY:

@@ -58,7 +58,7 @@ def test_fine_tuning_from_imagenet_lowers_the_loss_on_tiny(tmp_path):
     from services.simulate.render import render_image
     from services.simulate.world import build_world, preset
     from shared.training.train import Split, TrainConfig, train
-    from shared.vision import ModelConfig, build_model, load_backbone_weights, save_model
+    from shared.vision import ModelConfig, build_model, load_backbone_weights, load_model
 
     world = build_world(preset("tiny"))
     paths = []
@@ -72,7 +72,11 @@ def test_fine_tuning_from_imagenet_lowers_the_loss_on_tiny(tmp_path):
                                                                 None))
     assert all(k.startswith("classifier") for k in report["skipped"])
     assert len(report["loaded"]) > 300
-    init = save_model(tmp_path / "init.pt", start)
+    init = imagenet.start_model(config, imagenet.weights_path(), tmp_path / "start" / "i.pt")
+    saved, _ = load_model(init, "cpu")
+    for name, tensor in start.state_dict().items():
+        if not name.startswith("head"):
+            assert torch.equal(saved.state_dict()[name], tensor), name
     result = train(config, Split(paths, targets.astype(np.float32)), None,
                    TrainConfig(epochs=4, batch_size=16, warmup_steps=4, lr=1e-3,
                                num_workers=0), tmp_path / "run", init_from=init,

@@ -216,18 +216,10 @@ def _factors_of(settings: Settings, conn, version_id: int | None):
 def _pretrained(settings: Settings, config: ModelConfig, run_dir: Path) -> Path | None:
     """Backbone weights from a local file (nothing can be downloaded), as a start model:
     COFEAT_CNN_WEIGHTS, or the packaged ImageNet file with COFEAT_CNN_INIT=imagenet."""
-    from shared.imagenet import init_weights
+    from shared.imagenet import init_weights, start_model
 
     path = init_weights(settings.cnn_backbone, settings.cnn_init, settings.cnn_weights)
-    if path is None:
-        return None
-    from shared.vision import build_model, load_backbone_weights, save_model
-
-    model = build_model(config)
-    report = load_backbone_weights(model, path)
-    log.info("pretrained backbone from %s: %d tensors loaded, %d skipped",
-             path, len(report["loaded"]), len(report["skipped"]))
-    return save_model(run_dir / "pretrained.pt", model, config)
+    return None if path is None else start_model(config, path, run_dir / "pretrained.pt")
 
 
 def _run_dir(settings: Settings, factor_id: int, parent: dict | None, mode: str,

@@ -35,7 +35,8 @@ def test_tiny_demo_writes_the_table_and_report(settings, milvus_uri, milvus_pref
 
     results = json.loads((report / "eval.json").read_text())["results"]
     features = {r["features"] for r in results}
-    assert {"collaborative-regress", "category-supervised", "handcrafted", "imagenet"} <= features
+    assert {"collaborative-regress", "category-supervised", "handcrafted", "imagenet",
+            "collaborative (ImageNet init)", "category-supervised (ImageNet init)"} <= features
     style = {r["features"]: r["score"] for r in results if r["task"] == "style_map@10"}
     assert all(0 <= score <= 1 for score in style.values())
     assert style["collaborative-regress"] > 0.1, style  # chance is 1/24

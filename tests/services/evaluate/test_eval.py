@@ -15,13 +15,16 @@ from services.cli import app
 from services.evaluate import warmup
 from services.evaluate.evaluate import (
     CATEGORY,
+    CATEGORY_IN,
     CONTENT_PROBE,
     FACTORS,
     FEATURE_SOURCES,
+    IMAGENET_INIT,
     POPULARITY,
     RANDOM,
     RECALL_SOURCES,
     REGRESS,
+    REGRESS_IN,
     STYLE_MAP,
     TASKS,
     USER_RECALL,
@@ -55,6 +58,9 @@ def run_eval(db_url: str, data_dir: Path, out: Path, *args: str):
            "COFEAT_LOG_FORMAT": "text"}
     outcome = CliRunner().invoke(app, ["eval", "--out", str(out), "--workers", "0", *args],
                                  env=env)
+    if outcome.exception is not None and outcome.exit_code == 1:
+        import traceback
+        traceback.print_exception(outcome.exception)
     assert outcome.exit_code == 0, outcome.output
     return outcome, json.loads((out / "eval.json").read_text())
 
@@ -79,7 +85,7 @@ def test_eval_writes_the_table_with_a_live_cnn(stored, tmp_path):
                                       {"params": params, "centroids": None})
     out = tmp_path / "out"
     outcome, report = run_eval(db_url, data_dir, out, "--max-projects", "150",
-                               "--imagenet-size", "64")
+                               "--imagenet-size", "64", "--imagenet-init-epochs", "1")
 
     assert set(report) == {"world", "results"}
     info = report["world"]
@@ -110,6 +116,10 @@ def test_eval_writes_the_table_with_a_live_cnn(stored, tmp_path):
     assert info["seconds"]["imagenet"]["train"] == 0 and info["seconds"]["imagenet"]["embed"] > 0
     assert info["seconds"]["collaborative-regress"]["embed"] > 0
     assert "| imagenet |" in table
+    # The ImageNet-initialised twins train even beside a live CNN.
+    assert info["imagenet_init"] == {"backbone": "mobilenet_v2", "epochs": 1, "image_size": 32}
+    for source in IMAGENET_INIT:
+        assert info["seconds"][source]["train"] > 0 and f"| {source} |" in table
 
 
 def test_collaborative_learns_style_and_category_learns_content(stored, tmp_path):
@@ -123,6 +133,9 @@ def test_collaborative_learns_style_and_category_learns_content(stored, tmp_path
     got = scores(report)
     assert got[STYLE_MAP, REGRESS] > got[STYLE_MAP, RANDOM] + 0.1, got
     assert got[CONTENT_PROBE, CATEGORY] > got[CONTENT_PROBE, RANDOM] + 0.1, got
+    # The same two, fine-tuned from ImageNet, learn the same things.
+    assert got[STYLE_MAP, REGRESS_IN] > got[STYLE_MAP, RANDOM] + 0.1, got
+    assert got[CONTENT_PROBE, CATEGORY_IN] > got[CONTENT_PROBE, RANDOM] + 0.1, got
     # The factors themselves know style perfectly up to noise: the upper bound.
     assert got[STYLE_MAP, FACTORS] > 0.9
     assert not any(math.isnan(v) for v in got.values())
