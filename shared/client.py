@@ -8,6 +8,11 @@ Every query goes through the aliases `<prefix>cofeat_projects` and `<prefix>cofe
     client.similar_to_project(42, k=10, exclude_owner=True)
     client.for_user(7, k=20, new_only=True)
 
+`for_user` also reads `<prefix>cofeat_projects_warm` when that alias exists: a new
+project with its first interactions folded in (the embedder's warm-up) scores by that
+vector there, every other project by its image vector. Similar-project queries never read
+it. `warm=False` turns this off.
+
 Results are `Hit`s (use `hit.as_dict()` for JSON). An id that is not in the collection
 raises `NotFound`; Milvus being down or an alias missing raises pymilvus' MilvusException.
 
@@ -35,12 +40,15 @@ from pymilvus.exceptions import MilvusException
 # Same names as shared/milvus.py (tests/shared/test_client.py checks they agree).
 PROJECTS = "cofeat_projects"
 USERS = "cofeat_users"
+WARM = "cofeat_projects_warm"  # new projects' warm-up vectors: read by for_user only
 VECTOR_FIELD = "embedding"
 PROJECT_FIELDS = ["owner_id", "published_at", "model_version"]
 # What similar_to_project needs of the project it starts from.
 SOURCE_FIELDS = [VECTOR_FIELD, "owner_id", "model_version"]
 METRIC = "COSINE"
 DAY_S = 86_400
+MAX_LIMIT = 16_384  # Milvus' largest topk
+COLLECTION_NOT_FOUND = 100  # Milvus' error code for a missing collection or alias
 
 
 class NotFound(LookupError):
@@ -104,7 +112,8 @@ class CofeatClient:
     def __init__(self, uri: str, token: str | None = None, prefix: str = "", *,
                  ef: int = 64, timeout_s: float = 10.0, new_window_s: float = 7 * DAY_S,
                  consistency: str = "Bounded", cache_size: int = 10_000,
-                 cache_ttl_s: float = 5.0, milvus: MilvusClient | None = None) -> None:
+                 cache_ttl_s: float = 5.0, warm: bool = True,
+                 milvus: MilvusClient | None = None) -> None:
         # Bounded: a query may miss writes of the last few seconds but never waits for
         # them (Strong adds ~200 ms per query); the aliases switch whole versions anyway.
         # dedicated: a channel of its own, not one shared per address that another client
@@ -113,6 +122,8 @@ class CofeatClient:
                                              dedicated=True)
         self.projects = prefix + PROJECTS
         self.users = prefix + USERS
+        self.warm = prefix + WARM if warm else None
+        self._warm_seen = (-float("inf"), False)  # (when checked, alias present)
         self.ef = ef
         self.timeout_s = timeout_s
         self.new_window_s = new_window_s
@@ -126,7 +137,8 @@ class CofeatClient:
         options = {"ef": settings.milvus_search_ef, "timeout_s": settings.milvus_timeout_s,
                    "new_window_s": getattr(settings, "serve_new_window_s", 7 * DAY_S),
                    "cache_size": getattr(settings, "serve_cache_size", 10_000),
-                   "cache_ttl_s": getattr(settings, "serve_cache_ttl_s", 5.0)}
+                   "cache_ttl_s": getattr(settings, "serve_cache_ttl_s", 5.0),
+                   "warm": getattr(settings, "warm_enabled", True)}
         return cls(settings.require_milvus_uri(), token, settings.milvus_prefix,
                    **(options | kwargs))
 
@@ -198,7 +210,7 @@ class CofeatClient:
         user = self._get(self.users, user_id, "user")
         if new_only and new_since_ms is None:
             new_since_ms = int((time.time() - self.new_window_s) * 1000)
-        hits = self.similar_to_vector(user[VECTOR_FIELD], k, new_since_ms=new_since_ms)
+        hits = self._recommend(user[VECTOR_FIELD], k, new_since_ms, user["model_version"])
         if hits and hits[0].model_version != user["model_version"]:
             # The users alias lags the projects one (the new model has no user vectors):
             # scores across two vector spaces would be meaningless.
@@ -206,18 +218,77 @@ class CofeatClient:
                            f"{user['model_version']}, the projects are of {hits[0].model_version}")
         return hits
 
+    def _recommend(self, vector, k: int, new_since_ms: int | None,
+                   model_version: int) -> list[Hit]:
+        """The top k where a project with a warm-up row scores by it and every other one by
+        its image vector. A warmed project in the merged top k is in the warm top k, so
+        the projects search only has to yield k projects without a warm row."""
+        where = _filter((), None, new_since_ms)
+        warm = self._warm_hits(vector, k, where, model_version)
+        if warm is None:
+            return self.similar_to_vector(vector, k, new_since_ms=new_since_ms)
+        limit = k
+        while True:
+            hits = self._search(self.projects, vector, limit, where)
+            warmed = self._warm_ids([hit.project_id for hit in hits], model_version)
+            plain = [hit for hit in hits if hit.project_id not in warmed]
+            if len(plain) >= k or len(hits) < limit or limit >= MAX_LIMIT:
+                break
+            limit = min(MAX_LIMIT, limit + len(warmed))
+        return sorted([*warm, *plain], key=lambda hit: -hit.score)[:k]
+
+    def _warm_hits(self, vector, k: int, where: str, model_version: int) -> list[Hit] | None:
+        """The warm collection's top k of this model version; None without one."""
+        if self.warm is None or not self._warm_present():
+            return None
+        try:
+            hits = self._search(self.warm, vector, k, where)
+        except MilvusException as error:
+            if error.code != COLLECTION_NOT_FOUND:
+                raise
+            self._warm_seen = (time.monotonic(), False)
+            return None
+        return [hit for hit in hits if hit.model_version == model_version]
+
+    def _warm_present(self) -> bool:
+        # One listing per cache_ttl_s, not per query: a missing alias is not an RPC error.
+        checked, present = self._warm_seen
+        if time.monotonic() - checked > max(self.recent.ttl_s, 1.0):
+            present = self.warm in self.milvus.list_aliases(timeout=self.timeout_s)["aliases"]
+            self._warm_seen = (time.monotonic(), present)
+        return present
+
+    def _warm_ids(self, ids: list[int], model_version: int) -> set[int]:
+        """Which of `ids` have a warm row of this model version."""
+        if not ids:
+            return set()
+        where = (f"project_id in {[int(i) for i in ids]} "
+                 f"and model_version == {int(model_version)}")
+        try:
+            rows = self.milvus.query(self.warm, filter=where, output_fields=["project_id"],
+                                     timeout=self.timeout_s,
+                                     consistency_level=self.consistency)
+        except MilvusException as error:
+            if error.code != COLLECTION_NOT_FOUND:
+                raise
+            return set()
+        return {int(row["project_id"]) for row in rows}
+
     def similar_to_vector(self, vector: Sequence[float] | np.ndarray, k: int = 10, *,
                           exclude_ids: Sequence[int] = (), exclude_owner_id: int | None = None,
                           new_since_ms: int | None = None) -> list[Hit]:
+        return self._search(self.projects, vector, k,
+                            _filter(exclude_ids, exclude_owner_id, new_since_ms))
+
+    def _search(self, collection: str, vector, k: int, where: str) -> list[Hit]:
         query = _unit(vector)
         # HNSW needs ef >= k; the filter is applied inside the search, so k hits come
         # back even when it removes many neighbours.
         params = {"metric_type": METRIC, "params": {"ef": max(self.ef, k)}}
         results = self.milvus.search(
-            self.projects, data=[query.tolist()], anns_field=VECTOR_FIELD, limit=k,
-            filter=_filter(exclude_ids, exclude_owner_id, new_since_ms),
-            output_fields=PROJECT_FIELDS, search_params=params, timeout=self.timeout_s,
-            consistency_level=self.consistency)
+            collection, data=[query.tolist()], anns_field=VECTOR_FIELD, limit=k,
+            filter=where, output_fields=PROJECT_FIELDS, search_params=params,
+            timeout=self.timeout_s, consistency_level=self.consistency)
         return [_hit(found) for found in results[0]]
 
 

@@ -45,7 +45,8 @@ def ids(hits) -> list[int]:
 
 def test_matches_the_milvus_contract():
     settings = Settings()
-    assert (client_module.PROJECTS, client_module.USERS) == (milvus.PROJECTS, milvus.USERS)
+    assert (client_module.PROJECTS, client_module.USERS, client_module.WARM) == (
+        milvus.PROJECTS, milvus.USERS, milvus.WARM)
     assert client_module.VECTOR_FIELD == milvus.VECTOR_FIELD
     assert {"metric_type": client_module.METRIC, "params": {"ef": settings.milvus_search_ef}} \
         == milvus.search_params(settings)
@@ -100,6 +101,38 @@ def test_for_user_new_only(world, client):
     hits = client.for_user(FIRST_USER + row, k=50, new_since_ms=since)
     assert ids(hits) == world.nearest(world.users[row], np.arange(300) < 24)
     assert all(hit.published_at >= since for hit in hits)
+
+
+def test_for_user_scores_warmed_projects_by_their_warm_up_vector(milvus_uri, tmp_path):
+    """The 25 nearest projects are warmed away from the user, one far one towards them; a
+    warm row of another model version counts for nothing. k=20 needs three rounds."""
+    from tests.services.serve.world import _load
+
+    world = make_world(milvus_uri, tmp_path)
+    user = world.users[0]
+    order = [pid - FIRST_PROJECT for pid in world.nearest(user)]
+    warm = {row: -user for row in order[:25]} | {order[60]: user}
+    rows = [{"project_id": FIRST_PROJECT + r, "embedding": v.tolist(),
+             "model_version": world.version, "owner_id": int(world.owners[r]),
+             "published_at": int(world.published[r]), "state_version": 0}
+            for r, v in warm.items()]
+    stale = order[25]  # its warm row belongs to another model: its image vector counts
+    rows.append({**rows[0], "project_id": FIRST_PROJECT + stale, "model_version": 99})
+    _load(world.settings, milvus.WARM, world.version, milvus.project_schema(len(user)), rows)
+    client = CofeatClient.from_settings(world.settings)
+    plain = CofeatClient.from_settings(world.settings, warm=False)
+    try:
+        hits = client.for_user(FIRST_USER, k=20)
+        assert ids(hits) == [FIRST_PROJECT + r for r in [order[60], *order[25:44]]]
+        assert hits[0].score == pytest.approx(1.0, abs=1e-4)
+        assert ids(plain.for_user(FIRST_USER, k=20)) == world.nearest(user)[:20]
+        # similar-project queries never read the warm-up collection
+        assert ids(client.similar_to_project(FIRST_PROJECT + order[0], k=5)) == \
+            ids(plain.similar_to_project(FIRST_PROJECT + order[0], k=5))
+    finally:
+        client.close()
+        plain.close()
+        drop_world(world.settings)
 
 
 def test_unknown_ids_raise_not_found(client):

@@ -9,10 +9,12 @@ import uuid
 
 import numpy as np
 import psycopg
+import pytest
 
 from services.embedder.service import Embedder
 from shared import milvus as contract
 from shared import warmup as fold
+from shared.client import CofeatClient
 from shared.factors import factor_version, load_factors
 from tests.services.embedder.conftest import (
     client,
@@ -85,6 +87,17 @@ def test_new_project_warms_up_towards_its_behavioural_factor(esettings, db_url):
         assert held[1]["model_version"] == cnn
         # The live collection is untouched: similar images stay image similarity.
         assert cosine(rows(c, live, [1])[1]["embedding"], image_vector) > 0.99999
+        # Projects for a user score the warmed project by its warm-up vector.
+        user = fans[0]
+        user_vector = c.get(contract.alias(settings, contract.USERS), ids=[user],
+                            output_fields=["embedding"])[0]["embedding"]
+        queries = CofeatClient.from_settings(settings)
+        try:
+            hit = next(h for h in queries.for_user(user, k=3) if h.project_id == 1)
+        finally:
+            queries.close()
+        assert hit.score == pytest.approx(cosine(user_vector, held[1]["embedding"]), abs=1e-4)
+        assert abs(hit.score - cosine(user_vector, image_vector)) > 1e-3
     finally:
         c.close()
         embedder.close()
