@@ -128,8 +128,10 @@ def bench_decode(size: int, count: int = 64) -> float:
 # -- time to a target style mAP ------------------------------------------------------
 
 
-def simulated_world(data_dir: Path, preset: str, seed: int, render_size: int) -> Path:
-    """The world's events dir; rendered once, reused when a finished one is there."""
+def simulated_world(data_dir: Path, preset: str, seed: int, render_size: int,
+                    world: str | None = None) -> Path:
+    """The world's events dir; rendered once, reused when a finished one is there.
+    `world`: structure | palette (default: the preset's)."""
     events = data_dir / "events"
     done = data_dir / "complete"
     if done.exists():
@@ -141,9 +143,10 @@ def simulated_world(data_dir: Path, preset: str, seed: int, render_size: int) ->
     env = {**os.environ, "COFEAT_DATA_DIR": str(data_dir)}
     subprocess.run([sys.executable, "-m", "services", "simulate", "--preset", preset,
                     "--seed", str(seed), "--image-size", str(render_size), "--format", "jpeg",
-                    "--out", str(events)], env=env, check=True,
+                    "--out", str(events), *(["--world", world] if world else [])],
+                   env=env, check=True,
                    cwd=Path(__file__).resolve().parents[1])
-    done.write_text(f"{preset} seed {seed} {render_size} px\n")
+    done.write_text(f"{preset} seed {seed} {render_size} px {world or 'default'} world\n")
     print(f"simulated the {preset} world in {time.perf_counter() - started:.0f} s")
     return events
 

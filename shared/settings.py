@@ -78,6 +78,10 @@ class Settings(BaseSettings):
     ingest_max_records: int = Field(5000, ge=1)
     ingest_poll_timeout_ms: int = Field(500, ge=1)
     ingest_retry_max_s: float = Field(30.0, gt=0)
+    ingest_synchronous_commit: Literal["on", "off"] = Field(
+        "on", description="Postgres synchronous_commit for ingest's writes; off does not "
+        "wait for the WAL flush: a server crash can lose the last ~0.6 s of commits, with "
+        "the offsets stored in them, so those events are read and stored again")
 
     # The consumer runtime (shared/kafka/) that ingest and the embedder's stream share.
     kafka_max_poll_interval_ms: int = Field(

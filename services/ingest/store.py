@@ -42,7 +42,9 @@ class Store:
         self.group = settings.ingest_group
         self.topics = (interactions_topic, projects_topic)
         self.dead_letters = dead_letters
-        self.db = Reconnecting(settings, **bounded(STORE_TIMEOUT_S))
+        options = bounded(STORE_TIMEOUT_S)
+        options["options"] += f" -c synchronous_commit={settings.ingest_synchronous_commit}"
+        self.db = Reconnecting(settings, **options)
 
     def __call__(self, batch: Batch) -> Stored:
         started = time.perf_counter()
