@@ -45,6 +45,7 @@ class Lifecycle:
         self.next_model_check = 0.0
         self.recoveries_seen = 0
         self.failed = False  # a backfill could not start or failed its check
+        self.waiting: int | None = None  # a newer CNN version waiting for the backfill
 
     def encoder(self, row: dict) -> Encoder:
         if row["id"] not in self.encoders:
@@ -103,13 +104,21 @@ class Lifecycle:
         row = current_cnn_version(self.db())
         if row is None or (self.backfill and self.backfill.version == row["id"]):
             return
+        if self.backfill is not None and row["id"] > self.backfill.version:
+            # A newer model waits for the backfill in progress: with models arriving faster
+            # than a backfill completes, abandoning each for the next left none ever live.
+            if self.waiting != row["id"]:
+                log.info("CNN v%d is newer: finishing the backfill of v%d first", row["id"],
+                         self.backfill.version)
+                self.waiting = row["id"]
+            return
         projects = self.live is None or self.live.encoder.version != row["id"]
         users = projects or (self.users_unavailable != row["id"]
                              and self._users_version() != row["id"])
         # Abandoning a backfill and starting one drop collections: only as the leader.
         self.confirm_leading()
-        if self.backfill is not None:
-            log.info("CNN v%d superseded v%d while it was being backfilled", row["id"],
+        if self.backfill is not None:  # an older version is current again: a rollback
+            log.info("CNN v%d is current again: abandoning the backfill of v%d", row["id"],
                      self.backfill.version)
             self.backfill.abandon()
             self.backfill = None

@@ -313,3 +313,38 @@ def test_a_backfill_records_a_failure_once_and_leaves_it_to_the_interval(esettin
     finally:
         embedder.close()
 
+
+
+def test_newer_models_wait_for_the_backfill_in_progress(esettings, db_url):
+    """Models arriving faster than a backfill completes must not starve it: the one in
+    progress goes live, then the newest one is built; the versions in between never are."""
+    settings = esettings.model_copy(update={"embed_backfill_chunk": 2,
+                                            "embed_model_poll_s": 0.05})
+    ensure_topics(settings)
+    seed_projects(settings, db_url, 40)
+    v1 = make_cnn(settings, db_url, seed=1)
+    embedder = Embedder(settings)
+    c = client(settings)
+    try:
+        embedder.start()
+        lifecycle = embedder.lifecycle
+        while lifecycle.backfill is None:
+            embedder.turn()
+        assert lifecycle.backfill.version == v1 and lifecycle.live is None
+        v2 = make_cnn(settings, db_url, seed=2)
+        v3 = make_cnn(settings, db_url, seed=3)
+        built, served = [], []
+        deadline = time.monotonic() + 120
+        while lifecycle.live is None or lifecycle.live.encoder.version != v3:
+            assert time.monotonic() < deadline, "v3 never went live"
+            embedder.turn()
+            if lifecycle.backfill is not None and lifecycle.backfill.version not in built:
+                built.append(lifecycle.backfill.version)
+            if lifecycle.live is not None and lifecycle.live.encoder.version not in served:
+                served.append(lifecycle.live.encoder.version)
+        assert served == [v1, v3], "the backfill in progress was abandoned"
+        assert built == [v1, v3] and v2 not in built
+        assert count(c, contract.alias(settings, PROJECTS)) == 40
+    finally:
+        c.close()
+        embedder.close()
