@@ -6,8 +6,8 @@ candidates for the same users:
 
 - cnn-only: the collaborative CNN's vector (what a new project is served without warm-up);
 - warm-up: that vector with the N interactions folded in (shared/warmup.py), as served;
-- popularity: distinct appreciating users among the N interactions, viewers breaking ties
-  (undefined at N = 0: every project is tied).
+- popularity: distinct appreciating users among the N interactions, viewers then a seeded
+  coin breaking ties (undefined at N = 0: every project is tied).
 
 A user counts at N when they appreciate a new project after its first N interactions and
 had no interaction with it among them; projects a user touched among the seen ones are
@@ -127,16 +127,22 @@ def warm_vectors(cnn_vectors: np.ndarray, events: Events, users: np.ndarray,
     return out
 
 
-def popularity(events: Events, known: np.ndarray, count: int) -> np.ndarray:
-    """Distinct appreciating users among the known interactions; distinct viewers (scaled
-    below one) break ties."""
+def popularity(events: Events, known: np.ndarray, count: int, seed: int = 0) -> np.ndarray:
+    """Each candidate's rank (higher: more popular) by distinct appreciating users among
+    the known interactions, then distinct viewers, then a seeded coin. With every project
+    seen exactly N times most are tied; left to the sort, ties would fall in catalog
+    order, which is publication order: popularity would be handed the projects' age."""
     def distinct(mask: np.ndarray) -> np.ndarray:
         pairs = np.unique(np.stack([events.position[mask], events.user[mask]]), axis=1)
-        return np.bincount(pairs[0], minlength=count).astype(np.float64)
+        return np.bincount(pairs[0], minlength=count)
 
     appreciations = distinct(known & (events.type == fold.APPRECIATE))
     views = distinct(known & (events.type == fold.VIEW))
-    return appreciations + views / (views.max() + 1)
+    coin = np.random.default_rng(seed).random(count)
+    order = np.lexsort((coin, views, appreciations))  # the last key sorts first
+    ranks = np.empty(count, dtype=np.float64)
+    ranks[order] = np.arange(count)
+    return ranks
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
