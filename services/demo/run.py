@@ -14,7 +14,7 @@ import time
 import urllib.request
 import uuid
 
-from services.demo.steps import RATES, Demo, say, stop
+from services.demo.steps import DEMO_ENV, RATES, Demo, say, stop
 from shared.settings import Settings
 
 
@@ -111,7 +111,11 @@ def catch_up(demo: Demo) -> dict:
 
 
 def evaluate(demo: Demo) -> dict:
-    demo.cofeat("eval", "--out", str(demo.data_dir / "report"), log_name="eval")
+    # The other CNNs train as the demo's CNN did from scratch (its live version is a
+    # chain of fine-tunes, which records no full-training epochs).
+    epochs = DEMO_ENV[demo.scale]["COFEAT_CNN_EPOCHS"]
+    demo.cofeat("eval", "--out", str(demo.data_dir / "report"), "--epochs", epochs,
+                log_name="eval")
     return {}
 
 

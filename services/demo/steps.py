@@ -17,7 +17,9 @@ log = logging.getLogger("cofeat.demo")
 DEMO_ENV = {
     "small": {"COFEAT_CNN_BACKBONE": "small", "COFEAT_CNN_IMAGE_SIZE": "64",
               "COFEAT_CNN_EPOCHS": "8", "COFEAT_CNN_REFRESH_EPOCHS": "2",
-              "COFEAT_ALS_FACTORS": "32", "COFEAT_REFRESH_EVERY": "60s"},
+              "COFEAT_ALS_FACTORS": "32", "COFEAT_REFRESH_EVERY": "60s",
+              # Two epochs of fine-tuning from ImageNet per twin: 3 took 6 of the 26 min.
+              "COFEAT_EVAL_IMAGENET_INIT_EPOCHS": "2"},
     # ~310 projects train on tiny: batches of 32 for 10 epochs are ~100 optimizer steps;
     # 3 epochs of 64 (15 steps) left features worse than random weights.
     "tiny": {"COFEAT_CNN_BACKBONE": "small", "COFEAT_CNN_IMAGE_SIZE": "32",
