@@ -98,9 +98,13 @@ def run_cell(cell: Cell, plan, paths, targets, pixels, catalog, sets, run_dir: P
              seed: int) -> dict:
     from services.evaluate import evaluate
     from shared import imagenet
+    from shared.settings import Settings
 
+    # resnet18 with the stem the CNN refresh uses (COFEAT_CNN_STEM, the /4 ImageNet one by
+    # default), not eval's small-image stem, which costs ~5x.
     plan = replace(plan, model_config=replace(plan.model_config, backbone=cell.backbone,
-                                              image_size=cell.size),
+                                              image_size=cell.size,
+                                              stem=Settings().cnn_stem),
                    train_config=replace(plan.train_config, epochs=cell.epochs, seed=seed))
     work = run_dir / str(cell).replace(" ", "-")
     start = None
