@@ -27,8 +27,16 @@ DEFAULT_SIZE = 224  # the input size ImageNet features were trained at
 log = logging.getLogger(__name__)
 
 
-__all__ = ["WeightsError", "features", "init_weights", "mobilenet_v2", "start_model",
-           "weights_path"]
+__all__ = ["WeightsError", "features", "init_weights", "mobilenet_v2", "resolve_init",
+           "start_model", "weights_path"]
+
+
+def resolve_init(backbone: str, init: str) -> str:
+    """COFEAT_CNN_INIT=auto: imagenet where weights are packaged (mobilenet_v2), else
+    scratch."""
+    if init == "auto":
+        return "imagenet" if backbone == "mobilenet_v2" else "scratch"
+    return init
 
 
 def init_weights(backbone: str, init: str, weights: str | os.PathLike | None) -> Path | None:
@@ -37,7 +45,7 @@ def init_weights(backbone: str, init: str, weights: str | os.PathLike | None) ->
     COFEAT_CNN_INIT=imagenet, else None (scratch)."""
     if weights is not None:
         return Path(weights)
-    if init != "imagenet":
+    if resolve_init(backbone, init) != "imagenet":
         return None
     if backbone != "mobilenet_v2":
         raise WeightsError(f"COFEAT_CNN_INIT=imagenet for {backbone} needs COFEAT_CNN_WEIGHTS "

@@ -87,6 +87,13 @@ def test_fine_tuning_from_imagenet_lowers_the_loss_on_tiny(tmp_path):
 
 def test_init_weights_resolution_and_errors(tmp_path):
     assert imagenet.init_weights("small", "scratch", None) is None
+    # auto (the default): ImageNet where the weights are packaged, scratch elsewhere.
+    assert imagenet.init_weights("mobilenet_v2", "auto", None) == imagenet.weights_path()
+    assert imagenet.init_weights("small", "auto", None) is None
+    assert imagenet.init_weights("resnet18", "auto", None) is None
+    assert [imagenet.resolve_init(b, "auto") for b in ("mobilenet_v2", "small")] == [
+        "imagenet", "scratch"]
+    assert imagenet.resolve_init("mobilenet_v2", "scratch") == "scratch"
     assert imagenet.init_weights("mobilenet_v2", "imagenet", None) == imagenet.weights_path()
     assert imagenet.init_weights("resnet18", "scratch", tmp_path / "r.pth") == tmp_path / "r.pth"
     with pytest.raises(imagenet.WeightsError, match="needs COFEAT_CNN_WEIGHTS"):

@@ -105,7 +105,7 @@ def _plan(conn, settings: Settings, parent: dict | None, full: bool) -> tuple[st
         return "full", "no live model"
     wanted = {"backbone": settings.cnn_backbone, "image_size": settings.cnn_image_size,
               "mode": settings.cnn_mode, "feature": settings.cnn_feature,
-              "stem": settings.cnn_stem, "init": settings.cnn_init}
+              "stem": settings.cnn_stem, "init": _init(settings)}
     # Versions from before COFEAT_CNN_INIT existed started from scratch.
     had = {key: parent["params"].get(key, "scratch" if key == "init" else None)
            for key in wanted}
@@ -213,6 +213,12 @@ def _factors_of(settings: Settings, conn, version_id: int | None):
         return None
 
 
+def _init(settings: Settings) -> str:
+    from shared.imagenet import resolve_init
+
+    return resolve_init(settings.cnn_backbone, settings.cnn_init)
+
+
 def _pretrained(settings: Settings, config: ModelConfig, run_dir: Path) -> Path | None:
     """Backbone weights from a local file (nothing can be downloaded), as a start model:
     COFEAT_CNN_WEIGHTS, or the packaged ImageNet file with COFEAT_CNN_INIT=imagenet."""
@@ -245,7 +251,7 @@ def _run_dir(settings: Settings, factor_id: int, parent: dict | None, mode: str,
 
 def _params(settings: Settings, config: ModelConfig, mode: str, targets) -> dict:
     return {**asdict(config), "mode": settings.cnn_mode, "refresh": mode,
-            "init": settings.cnn_init,
+            "init": _init(settings),
             "loss": settings.cnn_loss, "epochs": settings.cnn_epochs
             if mode == "full" else settings.cnn_refresh_epochs,
             "val_fraction": settings.cnn_val_fraction,
