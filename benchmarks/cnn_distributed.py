@@ -14,9 +14,9 @@ The held-out split is the same for every run (it hashes project ids).
 `--recipe test` is what tests/services/refresh/cnn uses (small backbone, 32 px, 3 epochs;
 test_distributed.py trains 10, `--epochs 10`): the spread across seeds printed here is
 where the tolerance of tests/services/refresh/cnn/test_distributed.py comes from.
-`--recipe default` is the default CNN recipe (resnet18, 64 px, 10 epochs). Wall time
-includes process start, torch import and, for N > 1, torchrun and the process-group
-set-up.
+`--recipe default` is the default CNN recipe (mobilenet_v2 from ImageNet, 128 px, 5
+epochs). Wall time includes process start, torch import and, for N > 1, torchrun and the
+process-group set-up.
 """
 
 from __future__ import annotations

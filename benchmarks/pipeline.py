@@ -12,7 +12,8 @@ gives its wall time, CPU seconds, peak RSS and cost per unit, with the machine.
 Servers: a scratch database on COFEAT_DATABASE_URL (dropped afterwards), a Tansu broker of
 its own, the Milvus on COFEAT_MILVUS_URI (default 127.0.0.1:19530) under a prefix of its own
 (dropped afterwards). `--recipe demo` uses the demo's CPU-sized CNN (small backbone, 64 px,
-8 epochs; tiny: 32 px); `default` the settings' defaults (resnet18, 64 px, 10 epochs).
+8 epochs; tiny: 32 px); `default` the settings' defaults (mobilenet_v2 from ImageNet,
+128 px, 5 epochs).
 """
 
 from __future__ import annotations
