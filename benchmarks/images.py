@@ -188,12 +188,13 @@ def embed_rate(settings: Settings, uris: list[str]) -> tuple[float, float]:
     """(images/s, CPU ms per image) of the embedder's Encoder over `uris`, in
     backfill-sized chunks. CPU time is this process's: what fetching adds to the embedder,
     less sensitive than images/s to what else runs on the machine."""
-    from services.embedder.encode import Encoder, Item
+    from services.embedder.encode import Encoder
+    from services.embedder.states import State
     from shared.images import ImageReader
 
     encoder = Encoder(settings, cnn_version(settings.data_dir),
                       ImageReader.from_settings(settings))
-    items = [Item(n, 1, 1, uri, 1) for n, uri in enumerate(uris)]
+    items = [State(n, True, 1, 1, uri, 1) for n, uri in enumerate(uris)]
     encoder.embed(items[:64])  # warm up: threads, pools, connections
     started, cpu = time.perf_counter(), time.process_time()
     rows = 0
