@@ -26,7 +26,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # must precede torch's impo
 import argparse  # noqa: E402
 import json  # noqa: E402
 import shutil  # noqa: E402
-import tempfile  # noqa: E402
 import time  # noqa: E402
 from dataclasses import dataclass, replace  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -34,7 +33,7 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks.machine import describe  # noqa: E402
-from benchmarks.train import scratch_database, simulated_world, store_and_factorize  # noqa: E402
+from benchmarks.train import stored_world  # noqa: E402
 
 DEFAULT_CELLS = ("small:64:10", "small:128:10", "resnet18:64:10", "mobilenet_v2:128:10",
                  "mobilenet_v2:64:5:imagenet", "mobilenet_v2:128:5:imagenet")
@@ -139,11 +138,6 @@ def markdown(rows: list[dict]) -> str:
 
 
 def main() -> None:
-    import psycopg
-
-    from shared.db.connect import conninfo
-    from shared.settings import load_settings
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="small")
     parser.add_argument("--world", default="structure", choices=["structure", "palette"])
@@ -165,18 +159,9 @@ def main() -> None:
     print(describe())
     data_dir = Path(args.data_dir or f"data/bench/recipes-{args.preset}-{args.world}-"
                     f"s{args.seed}-{args.render_size}px").resolve()
-    events = simulated_world(data_dir, args.preset, args.seed, args.render_size, args.world)
-    admin = conninfo(load_settings().require_database_url())
-    name, url = scratch_database(admin)
-    run_dir = Path(tempfile.mkdtemp(prefix="run-", dir=data_dir))
-    try:
-        shutil.copytree(data_dir / "groundtruth", run_dir / "groundtruth")
-        store_and_factorize(url, events, run_dir)
+    with stored_world(data_dir, args.preset, args.seed, args.render_size,
+                      args.world) as (url, run_dir):
         rows = sweep(url, run_dir, args.cells, args)
-    finally:
-        shutil.rmtree(run_dir, ignore_errors=True)
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     print(markdown(rows))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")

@@ -25,6 +25,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # must precede torch's import
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import platform  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
@@ -32,6 +33,7 @@ import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 import uuid  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -221,27 +223,36 @@ def first_reaching(points: list[dict], target: float) -> str:
 
 
 def time_to_target(args) -> None:
+    print(describe())
+    print(machine())
+    data_dir = Path(args.data_dir or f"data/bench/train-{args.preset}-s{args.seed}-"
+                    f"{args.render_size}px").resolve()
+    with stored_world(data_dir, args.preset, args.seed, args.render_size) as (url, run_dir):
+        curves = train_curves(url, run_dir, args)
+        print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+        for source, points in curves.items():
+            print(f"time to style_map@10 >= {args.target}: {source}: "
+                  f"{first_reaching(points, args.target)}")
+
+
+@contextlib.contextmanager
+def stored_world(data_dir: Path, preset: str, seed: int, render_size: int,
+                 world: str | None = None) -> Iterator[tuple[str, Path]]:
+    """(database url, run dir) of the simulated world stored and factorized as `cofeat
+    eval` measures it, in a scratch database and run dir, both removed afterwards."""
     import psycopg
 
     from shared.db.connect import conninfo
     from shared.settings import load_settings
 
-    print(describe())
-    print(machine())
-    data_dir = Path(args.data_dir or f"data/bench/train-{args.preset}-s{args.seed}-"
-                    f"{args.render_size}px").resolve()
-    events = simulated_world(data_dir, args.preset, args.seed, args.render_size)
+    events = simulated_world(data_dir, preset, seed, render_size, world)
     admin = conninfo(load_settings().require_database_url())
     name, url = scratch_database(admin)
     run_dir = Path(tempfile.mkdtemp(prefix="run-", dir=data_dir))
     try:
         shutil.copytree(data_dir / "groundtruth", run_dir / "groundtruth")
         store_and_factorize(url, events, run_dir)
-        curves = train_curves(url, run_dir, args)
-        print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-        for source, points in curves.items():
-            print(f"time to style_map@10 >= {args.target}: {source}: "
-                  f"{first_reaching(points, args.target)}")
+        yield url, run_dir
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
         with psycopg.connect(admin, autocommit=True) as conn:
