@@ -150,8 +150,9 @@ class Reconciler:
         for kind, count in drift.summary().items():
             metrics.DRIFT.labels(kind).set(count)
         if drift:
-            log.warning("%s drifted from Postgres: %s; repairing", target.name,
-                        drift.summary())
+            # The ids let an operator read those projects' events in project_events.
+            log.warning("%s drifted from Postgres: %s, e.g. %s; repairing", target.name,
+                        drift.summary(), sample(drift))
             wanted = states.wanted_for(self.db(), drift.ids())
             self.on_written(wanted, self.writer.apply(wanted, [target]))
             metrics.DRIFT_REPAIRED.inc(len(drift))
@@ -184,8 +185,11 @@ def check(milvus: mv.Milvus, db: Callable[[], psycopg.Connection], target: Targe
     return confirm(milvus, db, target.name, target.encoder.version, suspects)
 
 
+def sample(drift: Drift, size: int = 10) -> dict[str, list[int]]:
+    return {kind: sorted(getattr(drift, kind))[:size] for kind in ("missing", "extra", "stale")}
+
+
 def report(target: Target, drift: Drift, repaired: bool = False) -> dict:
     return {"collection": target.name, "model_version": target.encoder.version,
             **drift.summary(), "drift": len(drift), "repaired": repaired,
-            "sample": {kind: sorted(getattr(drift, kind))[:10]
-                       for kind in ("missing", "extra", "stale")}}
+            "sample": sample(drift)}
