@@ -175,10 +175,13 @@ def held_versions(milvus: Milvus, name: str, ids: list[int]) -> dict[int, int]:
     return {pid: state for pid, (state, _) in rows.items()}
 
 
-def rows_with_ids(milvus: Milvus, name: str, ids: list[int]) -> dict[int, tuple[int, int]]:
-    """{project_id: (state_version, model_version)}, read Strong: a check must see every
-    acknowledged write, whoever made it."""
-    return _rows(milvus, name, f"{contract.PROJECT_KEY} in {list(ids)}", "Strong") if ids else {}
+def rows_with_ids(milvus: Milvus, name: str, ids: list[int],
+                  consistency: str = "Strong") -> dict[int, tuple[int, int]]:
+    """{project_id: (state_version, model_version)}, read Strong unless told: a check must
+    see every acknowledged write, whoever made it."""
+    if not ids:
+        return {}
+    return _rows(milvus, name, f"{contract.PROJECT_KEY} in {list(ids)}", consistency)
 
 
 def rows_between(milvus: Milvus, name: str, low: int, high: int,

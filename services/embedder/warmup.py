@@ -6,9 +6,16 @@ COFEAT_WARM_POLL_S this part reads the interactions Postgres stored since its la
 (exactly: the snapshot it read last is recorded, and `pg_visible_in_snapshot` tells what
 it missed, as the factor refresh does), keeps those on new projects by users the version
 knows, and writes each touched project's fold-in into `<prefix>cofeat_projects_warm`
-(an alias on `..._warm_v<model>`). The prior is the project's row in the live projects
-collection, read from Milvus, with its state_version: the warm-up row carries it, so a new
-image or a deletion there is followed here at the next resync.
+(an alias on `..._warm_v<model>`).
+
+The part shares the embedder's one thread with the stream, so every call is bounded: the
+interactions a new model's warm-up starts from (all those its first snapshot saw) are read
+one span of `seq` per call, and at most WRITE_CHUNK projects are folded in per call; a
+call with work left comes round again at the next loop turn, not after the poll interval.
+
+The prior is the project's row in the live projects collection, read from Milvus, with its
+state_version: the warm-up row carries it, so a new image or a deletion there is followed
+here at the next resync.
 
 The live projects collection is never written here: it keeps holding exactly the image
 vectors (the issue 13 invariant), so "similar images" stays pure image similarity. Only
@@ -18,6 +25,7 @@ with no interaction has no row here: its vector is the CNN's, exactly.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections.abc import Callable
@@ -37,31 +45,50 @@ from shared.settings import Settings
 log = logging.getLogger("cofeat.embed")
 RESYNC_EVERY_S = 30.0  # how often warm rows are compared with the live collection
 CHUNK = 1000  # ids per Milvus query
+SCAN_SPAN = 50_000  # interactions (by seq) per call of the start-up read
+WRITE_CHUNK = 256  # projects folded in per call
 MAX_KEY = 2**63 - 1
 
-_BEGIN = ("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ",
-          "SELECT pg_current_snapshot()::text")
-_ALL = ("SELECT user_id, project_id, type FROM interactions "
-        "WHERE NOT (project_id = ANY(%(known)s))")
+_ISOLATION = "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ"
+_SNAPSHOT = "SELECT pg_current_snapshot()::text, (SELECT coalesce(max(seq), 0) FROM interactions)"
+_SEEN = ("SELECT user_id, project_id, type FROM interactions "
+         "WHERE seq > %(after)s AND seq <= %(upto)s AND NOT (project_id = ANY(%(known)s)) "
+         "AND pg_visible_in_snapshot(ingest_xid, %(snapshot)s::pg_snapshot)")
 _SINCE = ("SELECT user_id, project_id, type FROM interactions "
           "WHERE (ingest_xid::text)::bigint >= "
           "(pg_snapshot_xmin(%(snapshot)s::pg_snapshot)::text)::bigint "
           "AND NOT pg_visible_in_snapshot(ingest_xid, %(snapshot)s::pg_snapshot)")
 
 
-def read_events(conn: psycopg.Connection, snapshot: str | None,
-                known: np.ndarray) -> tuple[str, np.ndarray]:
-    """(this read's snapshot, [user, project, type] rows): every interaction on a project
-    outside `known` when `snapshot` is None, else those `snapshot` did not see."""
+def _array(rows: list[tuple]) -> np.ndarray:
+    return np.array(rows, dtype=np.int64).reshape(-1, 3)
+
+
+def snapshot(conn: psycopg.Connection) -> tuple[str, int]:
+    """(a snapshot, the highest interaction seq it sees): what a start-up scan reads."""
     with conn.transaction():
-        for statement in _BEGIN[:-1]:
-            conn.execute(statement)
-        now = conn.execute(_BEGIN[-1]).fetchone()[0]
-        if snapshot is None:
-            rows = conn.execute(_ALL, {"known": known.tolist()}).fetchall()
-        else:
-            rows = conn.execute(_SINCE, {"snapshot": snapshot}).fetchall()
-    return now, np.array(rows, dtype=np.int64).reshape(-1, 3)
+        conn.execute(_ISOLATION)
+        now, last = conn.execute(_SNAPSHOT).fetchone()
+    return now, int(last)
+
+
+def read_seen(conn: psycopg.Connection, snapshot: str, after: int, upto: int,
+              known: np.ndarray) -> np.ndarray:
+    """[user, project, type] rows with after < seq <= upto that `snapshot` saw, on projects
+    outside `known`. A row it did not see (committed later, or still in flight) is read
+    by `read_since` instead, so none is counted twice or missed."""
+    with conn.transaction():
+        return _array(conn.execute(_SEEN, {"after": after, "upto": upto, "snapshot": snapshot,
+                                           "known": known.tolist()}).fetchall())
+
+
+def read_since(conn: psycopg.Connection, snapshot: str) -> tuple[str, np.ndarray]:
+    """(this read's snapshot, the [user, project, type] rows `snapshot` did not see)."""
+    with conn.transaction():
+        conn.execute(_ISOLATION)
+        now = conn.execute(_SNAPSHOT).fetchone()[0]
+        rows = conn.execute(_SINCE, {"snapshot": snapshot}).fetchall()
+    return now, _array(rows)
 
 
 @dataclass
@@ -72,10 +99,28 @@ class Warm:
     name: str
     factors: Factors
     space: fold.Space
-    snapshot: str | None = None
+    snapshot: str = ""  # the last read's: interactions it did not see are read next
+    scan_after: int = 0  # the start-up scan's seq cursor
+    scan_end: int = 0  # the highest seq the first snapshot saw: the scan ends there
+    first: str = ""  # the first snapshot: what the start-up scan reads
     events: dict[int, list[tuple[int, int]]] = field(default_factory=dict)  # (user row, type)
-    pending: set[int] = field(default_factory=set)  # to (re)compute
+    # To (re)compute, oldest first: one without a live row yet goes to the back of the
+    # queue, so it never holds the others up.
+    pending: dict[int, None] = field(default_factory=dict)
     next_resync: float = 0.0
+
+    @property
+    def scanning(self) -> bool:
+        return self.scan_after < self.scan_end
+
+    def queue(self, project_ids) -> None:
+        self.pending.update(dict.fromkeys(project_ids))
+
+    def take(self, count: int) -> list[int]:
+        taken = list(itertools.islice(self.pending, count))
+        for pid in taken:
+            del self.pending[pid]
+        return taken
 
     def add(self, rows: np.ndarray) -> set[int]:
         """Keep the rows on new projects by known users; the projects they touched."""
@@ -112,6 +157,8 @@ class WarmUp:
         if stale and (self.unavailable == target.encoder.version or not self._start(target)):
             return
         self.poll(target)
+        if self.state.scanning or self.state.pending:
+            self.next_at = 0.0  # work left: the next turn, not the next interval
 
     # -- a model's warm-up collection ----------------------------------------------------
 
@@ -128,10 +175,13 @@ class WarmUp:
         old = mv.point_alias(self.milvus, self.alias, name)
         if old and old != name:
             mv.drop(self.milvus, old)  # an overlay: a query that misses it falls back
+        first, last = snapshot(self.db())
         self.state = Warm(target.encoder.version, name, factors,
                           fold.space(factors.user_factors, factors.item_factors,
-                                     self.params.regularization))
-        log.info("warm-up of new projects on CNN v%d into %s", self.state.model, name)
+                                     self.params.regularization),
+                          snapshot=first, scan_after=0, scan_end=last, first=first)
+        log.info("warm-up of new projects on CNN v%d into %s: reading %d stored "
+                 "interactions", self.state.model, name, last)
         return True
 
     def _factors(self, target: Target) -> Factors | None:
@@ -154,24 +204,29 @@ class WarmUp:
 
     def poll(self, target: Target) -> None:
         state = self.state
-        snapshot, rows = read_events(self.db(), state.snapshot, state.factors.item_ids)
-        state.snapshot = snapshot
-        state.pending |= state.add(rows)
-        if time.monotonic() >= state.next_resync:
-            state.pending |= self._stale(target)
+        if state.scanning:
+            upto = min(state.scan_after + SCAN_SPAN, state.scan_end)
+            state.queue(state.add(read_seen(self.db(), state.first, state.scan_after, upto,
+                                            state.factors.item_ids)))
+            state.scan_after = upto
+        state.snapshot, rows = read_since(self.db(), state.snapshot)
+        state.queue(state.add(rows))
+        if not state.scanning and time.monotonic() >= state.next_resync:
+            state.queue(self._stale(target))
             state.next_resync = time.monotonic() + RESYNC_EVERY_S
         if state.pending:
-            self.write(target, sorted(state.pending))
+            self.write(target, state.take(WRITE_CHUNK))
 
-    def _stale(self, target: Target) -> set[int]:
+    def _stale(self, target: Target) -> list[int]:
         """Warm rows whose prior moved (new image, deleted, another model) and projects
         with interactions but no row yet."""
         held = mv.rows_between(self.milvus, self.state.name, 0, MAX_KEY, "Session")
         ids = sorted(set(held) | set(self.state.events))
-        priors = self._priors(target, ids)
-        return {pid for pid in ids
-                if pid not in priors or held.get(pid) != (priors[pid]["state_version"],
-                                                         priors[pid]["model_version"])}
+        priors: dict[int, tuple[int, int]] = {}
+        for start in range(0, len(ids), CHUNK):
+            priors |= mv.rows_with_ids(self.milvus, target.name, ids[start:start + CHUNK],
+                                       "Session")
+        return [pid for pid in ids if pid not in priors or held.get(pid) != priors[pid]]
 
     def _priors(self, target: Target, ids: list[int]) -> dict[int, dict]:
         fields = [contract.VECTOR_FIELD, "owner_id", "published_at", "model_version",
@@ -210,6 +265,6 @@ class WarmUp:
         gone = [pid for pid in ids if pid not in priors]
         mv.delete(self.milvus, [state.name], gone)
         # A project the live collection has no row for yet (not embedded yet) is tried
-        # again at the next pass.
-        state.pending = {pid for pid in gone if pid in state.events}
+        # again, after the others.
+        state.queue(pid for pid in gone if pid in state.events)
         metrics.WARM_PROJECTS.inc(len(rows))

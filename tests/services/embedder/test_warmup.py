@@ -5,6 +5,7 @@ projects collection keeps the image vector."""
 from __future__ import annotations
 
 import itertools
+import time
 import uuid
 
 import numpy as np
@@ -120,3 +121,73 @@ def test_interactions_of_unknown_users_and_known_projects_are_left_out(esettings
     assert touched == {2}
     assert state.events == {2: [(0, APPRECIATE)]}
     assert list(itertools.chain(*state.events.values())) == [(0, APPRECIATE)]
+
+
+def test_start_up_scan_in_spans_reads_every_interaction_once(db_url):
+    """The start-up read is split across loop turns; interactions stored meanwhile, and
+    one whose transaction was still open when the scan began, are read by the polls that
+    follow, never twice and never missed."""
+    from services.embedder import warmup
+
+    known = np.array([7], np.int64)
+    before = [(user, 100 + user % 5, fold.APPRECIATE) for user in range(1, 31)]
+    interact(db_url, before + [(1, 7, fold.APPRECIATE)])  # a known project: left out
+    with psycopg.connect(db_url) as conn, psycopg.connect(db_url) as open_:
+        with open_.transaction():  # in flight while the scan's snapshot is taken
+            open_.execute("INSERT INTO interactions (event_id, user_id, project_id, type, "
+                          "ts) VALUES ('in-flight', 99, 200, %s, now())", (fold.VIEW,))
+            first, last = warmup.snapshot(conn)
+        interact(db_url, [(50, 201, fold.VIEW)])  # stored after the snapshot
+        seen, after, snap = [], 0, first
+        while after < last:
+            upto = min(after + 4, last)  # spans of 4 interactions
+            seen += warmup.read_seen(conn, first, after, upto, known).tolist()
+            after = upto
+            snap, rows = warmup.read_since(conn, snap)
+            seen += rows.tolist()
+        snap, rows = warmup.read_since(conn, snap)
+        seen += rows.tolist()
+    expected = before + [(99, 200, fold.VIEW), (50, 201, fold.VIEW)]
+    assert sorted(map(tuple, seen)) == sorted(expected)
+
+
+def test_warm_up_in_small_steps_reaches_every_project(esettings, db_url, monkeypatch):
+    """With spans and write chunks far smaller than the work, every new project with
+    interactions still gets its warm-up row; a step with work left comes round at the
+    next turn rather than after the (here hour-long) poll interval."""
+    from services.embedder import warmup
+
+    monkeypatch.setattr(warmup, "SCAN_SPAN", 7)
+    monkeypatch.setattr(warmup, "WRITE_CHUNK", 2)
+    settings = esettings.model_copy(update={"warm_poll_s": 3600.0})
+    fv = make_factors(settings, db_url, USERS)
+    make_cnn(settings, db_url, factor_version=fv)
+    seed_projects(settings, db_url, 6)
+    interact(db_url, [(user, project, fold.APPRECIATE)
+                      for project in range(1, 7) for user in USERS[:5]])
+    embedder = Embedder(settings)
+    c = client(settings)
+    written: list[int] = []
+    original = warmup.WarmUp.write
+
+    def counted(self, target, ids):
+        written.append(len(ids))
+        return original(self, target, ids)
+
+    monkeypatch.setattr(warmup.WarmUp, "write", counted)
+    try:
+        embedder.start()
+        settle(embedder)  # the live model serves all six projects
+        part = embedder.warmup
+        part.next_at = 0.0
+        steps = 0
+        while part.next_at <= time.monotonic():
+            part.step()
+            steps += 1
+            assert steps < 100
+        assert part.state.scan_after == part.state.scan_end == 30
+        assert steps >= 30 // 7 and max(written) <= 2
+        assert set(rows(c, contract.alias(settings, contract.WARM))) == set(range(1, 7))
+    finally:
+        c.close()
+        embedder.close()
