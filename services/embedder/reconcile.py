@@ -17,12 +17,15 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import psycopg
+from kafka.errors import KafkaError
 
 from services.embedder import collections as mv
 from services.embedder import metrics, states
 from services.embedder.writer import Target, Writer, Written
+from shared.retry import describe
 from shared.settings import Settings
 
 log = logging.getLogger("cofeat.embed")
@@ -111,35 +114,55 @@ def _held(milvus: mv.Milvus, name: str, ids: list[int]) -> dict[int, tuple[int, 
     return found
 
 
-CONFIRM_AFTER_S = 2.0  # long enough for an in-flight change to reach the stream
+CONFIRM_AFTER_S = 2.0  # `check` from outside: long enough for a change in flight to land
+
+
+class Progress(Protocol):
+    """What the check needs of the stream (services/embedder/stream.py)."""
+
+    def caught_up(self) -> bool: ...
+    def end_offsets(self) -> dict[tuple[str, int], int] | None: ...
+    def applied(self, marks: dict[tuple[str, int], int]) -> bool | None: ...
 
 
 class Reconciler:
     """The running embedder's own check, every COFEAT_EMBED_RECONCILE_EVERY_S: one page of
     ids per loop turn (read Bounded: cheap, a recent write may look missing), then the
-    suspects again, Strong, a moment later; what still drifts is counted and repaired."""
+    suspects again, Strong, once the stream has written every event the broker held when
+    the scan ended. A suspect whose Postgres state came from such an event is then in
+    Milvus unless something lost it, so what still drifts is drift for real: counted and
+    repaired. (Waiting a fixed moment instead counted the stream's own backlog as drift
+    whenever it ran late.)"""
 
     def __init__(self, settings: Settings, milvus: mv.Milvus,
                  db: Callable[[], psycopg.Connection], writer: Writer,
-                 live: Callable[[], Target | None], caught_up: Callable[[], bool],
+                 live: Callable[[], Target | None], stream: Callable[[], Progress | None],
                  on_written: Callable[[dict, Written], None]):
         self.settings, self.milvus, self.db, self.writer = settings, milvus, db, writer
-        self.live, self.caught_up, self.on_written = live, caught_up, on_written
+        self.live, self.stream, self.on_written = live, stream, on_written
         self.next_at = time.monotonic() + settings.embed_reconcile_every_s
         self.scan: _Scan | None = None
         self.last: Drift | None = None  # the last confirmed drift
 
     def step(self) -> None:
-        target = self.live()
-        if not self.settings.embed_reconcile_every_s or target is None:
+        target, stream = self.live(), self.stream()
+        if not self.settings.embed_reconcile_every_s or target is None or stream is None:
             return
         if self.scan is None or self.scan.target != target:
-            if time.monotonic() < self.next_at or not self.caught_up():
+            if time.monotonic() < self.next_at or not stream.caught_up():
                 return
             self.scan = _Scan(target)
         if not self.scan.done:
             self.scan.page(self.milvus, self.db)
-        elif time.monotonic() >= self.scan.done_at + CONFIRM_AFTER_S and self.caught_up():
+            if self.scan.done:
+                self.scan.marks = _end_offsets(stream)
+            return
+        applied = stream.applied(self.scan.marks) if self.scan.marks is not None else None
+        if applied is None:  # the broker did not answer, or partitions moved: later
+            log.info("%s: check postponed (cannot tell what the stream has written)",
+                     target.name)
+            self.scan, self.next_at = None, time.monotonic() + CONFIRM_AFTER_S * 5
+        elif applied:
             self._finish(target)
 
     def _finish(self, target: Target) -> None:
@@ -160,11 +183,21 @@ class Reconciler:
             log.info("%s matches Postgres", target.name)
 
 
+def _end_offsets(stream: Progress) -> dict[tuple[str, int], int] | None:
+    try:
+        return stream.end_offsets()
+    except KafkaError as error:
+        log.warning("end offsets unavailable (%s): the check waits for the next round",
+                    describe(error))
+        return None
+
+
 class _Scan:
     def __init__(self, target: Target, page_size: int = 5000):
         self.target, self.page_size = target, page_size
         self.after, self.suspects = -1, Drift()
-        self.done, self.done_at = False, 0.0
+        self.done = False
+        self.marks: dict[tuple[str, int], int] | None = None  # end offsets as it ended
 
     def page(self, milvus: mv.Milvus, db: Callable[[], psycopg.Connection]) -> None:
         expected = dict(states.expected_page(db(), self.after, self.page_size))
@@ -173,7 +206,7 @@ class _Scan:
         _diff(expected, held, self.target.encoder.version, self.suspects)
         self.after = high
         if high == MAX_KEY:
-            self.done, self.done_at = True, time.monotonic()
+            self.done = True
 
 
 def check(milvus: mv.Milvus, db: Callable[[], psycopg.Connection], target: Target) -> Drift:

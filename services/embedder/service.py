@@ -56,7 +56,8 @@ class Embedder:
                                    ImageReader.from_settings(settings))  # pools, cache
         self.stream: Stream | None = None
         self.reconciler = Reconciler(settings, self.milvus, self.db, self.writer,
-                                     lambda: self.lifecycle.live, self.caught_up, self.record)
+                                     lambda: self.lifecycle.live, lambda: self.stream,
+                                     self.record)
         self.next_retry = 0.0
         self.warmup = WarmUp(settings, self.milvus, self.db, lambda: self.lifecycle.live,
                              self.confirm_leading)

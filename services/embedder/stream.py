@@ -99,6 +99,15 @@ class Source:
     def caught_up(self) -> bool:
         return bool(self.runtime.consumer.assignment()) and self.runtime.caught_up()
 
+    def end_offsets(self) -> dict[tuple[str, int], int] | None:
+        """The broker's end offset of each assigned partition, asked now (the high
+        watermarks a consumer caches lag behind by a fetch); None with nothing assigned."""
+        assigned = list(self.runtime.consumer.assignment())
+        if not assigned:
+            return None
+        ends = self.runtime.consumer.end_offsets(assigned)
+        return {(tp.topic, tp.partition): offset for tp, offset in ends.items()}
+
     def upkeep(self) -> None:
         self.runtime.rewind_truncated()
         self.runtime.report_lag(metrics.LAG)
@@ -223,6 +232,19 @@ class Stream:
 
     def caught_up(self) -> bool:
         return self.source.caught_up() and not self.gate
+
+    def end_offsets(self) -> dict[tuple[str, int], int] | None:
+        return self.source.end_offsets()
+
+    def applied(self, marks: dict[tuple[str, int], int]) -> bool | None:
+        """Is every event below `marks` written to Milvus (its offset stored)? None when a
+        partition of `marks` is no longer ours: this replica cannot tell."""
+        assigned = {(tp.topic, tp.partition)
+                    for tp in self.source.runtime.consumer.assignment()}
+        if not marks.keys() <= assigned:
+            return None
+        return all(self.stored.get(tp, self.source.position(*tp)) >= offset
+                   for tp, offset in marks.items())
 
     def close(self) -> None:
         self.source.close()
