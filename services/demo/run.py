@@ -73,6 +73,8 @@ def live_loop(demo: Demo) -> dict:
                     "--format", "jpeg", *where)
         wait_for_ingest(demo)
         freshness = scrape_histogram(metrics_port + 3, "cofeat_embed_freshness_seconds")
+        if freshness:  # where the time went
+            freshness["parts"] = freshness_parts(metrics_port + 3)
         drift = {"repaired_by_the_periodic_check": scrape_sum(
             metrics_port + 3, "cofeat_embed_drift_repaired_total")}
     finally:
@@ -143,14 +145,32 @@ def scrape_sum(port: int, name: str) -> float | None:
                if line.startswith(name) and not line.startswith(f"{name}_created"))
 
 
-def scrape_histogram(port: int, name: str) -> dict | None:
-    """p50/p99 and count of a Prometheus histogram from a /metrics endpoint."""
+LOOP_PARTS = ("Embedder.stream_step", "Lifecycle.backfill_step", "Embedder.retry_step",
+              "Reconciler.step", "Lifecycle.drop_retired", "Lifecycle.reload_after_outage",
+              "WarmUp.step", "Lifecycle.check_model")
+
+
+def freshness_parts(port: int) -> dict:
+    """The embedder's freshness taken apart: age when polled, wait for ingest, and the
+    loop parts events wait behind (p99 of one turn of each)."""
+    out = {"polled_age": scrape_histogram(port, "cofeat_embed_polled_age_seconds"),
+           "ingest_wait": scrape_histogram(port, "cofeat_embed_ingest_wait_seconds")}
+    for part in LOOP_PARTS:
+        found = scrape_histogram(port, "cofeat_embed_loop_part_seconds", f'part="{part}"')
+        if found:
+            out[f"loop {part}"] = found
+    return out
+
+
+def scrape_histogram(port: int, name: str, labels: str = "") -> dict | None:
+    """p50/p99 and count of a Prometheus histogram from a /metrics endpoint; `labels`: a
+    `key="value"` the series must carry."""
     text = metrics_text(port)
     if text is None:
         return None
     buckets = []
     for line in text.splitlines():
-        if line.startswith(f"{name}_bucket{{"):
+        if line.startswith(f"{name}_bucket{{") and labels in line:
             bound = line.split('le="', 1)[1].split('"', 1)[0]
             buckets.append((float(bound), float(line.rsplit(" ", 1)[1])))
     if not buckets or buckets[-1][1] == 0:

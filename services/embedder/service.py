@@ -26,7 +26,7 @@ from collections.abc import Callable
 import psycopg
 
 from services.embedder import collections as mv
-from services.embedder import failures, states
+from services.embedder import failures, metrics, states
 from services.embedder.database import Database
 from services.embedder.lifecycle import Lifecycle
 from services.embedder.reconcile import Reconciler
@@ -140,7 +140,7 @@ class Embedder:
     def turn(self) -> bool:
         """One pass over the jobs; True when a drain is done."""
         try:
-            self.lifecycle.check_model()
+            timed(self.lifecycle.check_model)
             if not self.lifecycle.targets() and self.lifecycle.backfill is None:
                 if self.drain:
                     log.info("no promoted CNN version and no collection: nothing to do")
@@ -205,6 +205,8 @@ def timed(part: Callable[[], object], slow_s: float = 5.0) -> None:
     # A slow part delays every stream event behind it: say which one it was.
     started = time.monotonic()
     part()
-    if time.monotonic() - started > slow_s:
-        log.warning("slow loop step: %s took %.1f s", getattr(part, "__qualname__", part),
-                    time.monotonic() - started)
+    took = time.monotonic() - started
+    name = getattr(part, "__qualname__", str(part))
+    metrics.LOOP_PART.labels(name).observe(took)
+    if took > slow_s:
+        log.warning("slow loop step: %s took %.1f s", name, took)

@@ -149,9 +149,12 @@ class IngestGate:
             return []
         ingested = self._ingested(conn)
         stored = self._stored(conn, [c for c in self.waiting if c not in ingested])
-        expired = time.monotonic() - self.settings.embed_ingest_wait_s
+        now = time.monotonic()
+        expired = now - self.settings.embed_ingest_wait_s
         out = [c for c, since in self.waiting.items()
                if c in ingested or c.event_id in stored or since <= expired]
+        for item in out:
+            metrics.INGEST_WAIT.observe(now - self.waiting[item])
         released = [c for c in out if c not in ingested and c.event_id not in stored]
         if released:
             metrics.EVENTS.labels("released").inc(len(released))
@@ -206,6 +209,7 @@ class Stream:
         """One poll's changes, and those ingest has stored since: Milvus first, then
         failures and offsets in one transaction."""
         self.read_to.update(polled.next_offsets)
+        observe_polled(polled.changes, self.live_since_ms())
         self.gate.add(polled.changes)
         ready = self.gate.ready(self.db())
         offsets = self._offsets()
@@ -259,6 +263,13 @@ def observe(ready: list[Change], written: Written, live_since_ms: float | None) 
         metrics.EVENTS.labels("applied").inc()
         if live_since_ms is not None and item.produced_ms > live_since_ms:
             metrics.FRESHNESS.observe(max(0.0, now_ms - item.produced_ms) / 1000)
+
+
+def observe_polled(changes: list[Change], live_since_ms: float | None) -> None:
+    now_ms = time.time() * 1000
+    for item in changes:
+        if live_since_ms is not None and item.produced_ms > live_since_ms:
+            metrics.POLLED_AGE.observe(max(0.0, now_ms - item.produced_ms) / 1000)
 
 
 class Meter:

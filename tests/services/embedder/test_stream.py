@@ -106,6 +106,11 @@ def test_stream_publish_update_delete_and_bad_images(esettings, db_url, tmp_path
         wait_until(lambda: 300 not in failures(db_url), 10, "the failure row cleared")
 
         assert metric(port, "cofeat_embed_freshness_seconds_count") >= 9
+        # Freshness taken apart: each applied event was polled and passed the ingest gate.
+        assert metric(port, "cofeat_embed_polled_age_seconds_count") >= 9
+        assert metric(port, "cofeat_embed_ingest_wait_seconds_count") >= 9
+        assert metric(port, "cofeat_embed_loop_part_seconds_count",
+                      'part="Embedder.stream_step"') > 0
         assert metric(port, 'cofeat_embed_events_total{result="invalid"}') == 3
         assert metric(port, "cofeat_consumer_records_total", 'kind="corrupt_record"') == 1
         assert metric(port, "cofeat_embed_parked_total") == 1
