@@ -120,6 +120,10 @@ class Settings(BaseSettings):
     eval_fraction: float = Field(0.05, gt=0, le=1, description="users with one held-out pair")
     eval_max_users: int = Field(5000, ge=1)
     eval_k: int = Field(20, ge=1)
+    refresh_nice: int = Field(
+        10, ge=0, le=19, description="CPU niceness the refresh takes at start: factorizing "
+        "and training are batch work, and on shared cores the stream (ingest, embedder) "
+        "should win; 0 leaves it as started")
     refresh_full_every: int = Field(24, ge=1, description="full refit after N versions")
     refresh_full_max_age_s: float = Field(86_400.0, gt=0, description="or when this old")
     refresh_drift_threshold: float = Field(
@@ -197,6 +201,9 @@ class Settings(BaseSettings):
     embed_group: str = "cofeat-embed"
     embed_max_records: int = Field(500, ge=1, description="events per stream batch at most")
     embed_poll_timeout_ms: int = Field(100, ge=1, description="short: freshness, not batching")
+    embed_fetch_max_wait_ms: int = Field(
+        50, ge=0, description="how long the broker may hold an empty fetch: an event arriving "
+        "meanwhile can wait that long (brokers that answer early lose nothing by it)")
     embed_batch_size: int = Field(64, ge=1, description="images per model forward pass")
     embed_workers: int = Field(2, ge=0, description="image decode threads for backfills")
     embed_device: Literal["auto", "cpu", "cuda"] = "auto"

@@ -11,9 +11,12 @@
 Everything runs in one thread, in turn, so writes never race: a backfill is a sequence of
 short steps between stream batches (each about COFEAT_EMBED_BACKFILL_STEP_S long, which
 bounds how long a new project waits), and the alias moves right after its check, with no
-stream write in between. Only the replica that holds the leader lock runs this loop
-(leader.py); it stops at the next turn after losing the lock, and asks Postgres again right
-before an alias swap or a drop.
+stream write in between. The stream is polled again (without waiting) after every other
+part, so an event waits behind one part, not behind a whole turn.
+
+Only the replica that holds the leader lock runs this loop (leader.py); it stops at the
+next turn after losing the lock, and asks Postgres again right before an alias swap or a
+drop.
 """
 
 from __future__ import annotations
@@ -86,6 +89,10 @@ class Embedder:
             timeout = min(timeout, BACKFILL_POLL_MS)
         self.stream.step(timeout)
 
+    def stream_between(self) -> None:
+        if self.stream is not None:
+            self.stream.step(0)
+
     def retry_step(self) -> None:
         interval = 0.0 if self.drain else self.settings.embed_retry_interval_s
         if time.monotonic() < self.next_retry or not self.lifecycle.targets():
@@ -147,10 +154,14 @@ class Embedder:
                     return True
                 mv.sleep_unless(self.halted, 1.0)
                 return False
-            for part in (self.stream_step, self.lifecycle.backfill_step, self.retry_step,
+            timed(self.stream_step)
+            for part in (self.lifecycle.backfill_step, self.retry_step,
                          self.reconciler.step, self.lifecycle.drop_retired,
                          self.lifecycle.reload_after_outage, self.warmup.step):
                 timed(part)
+                # What came meanwhile goes out now, not after the other parts too: an
+                # event waits behind one part at most.
+                timed(self.stream_between)
             if self.drain and self.drained():
                 log.info("backfills done and caught up on every partition; draining done")
                 self.report_waiting()

@@ -71,7 +71,8 @@ class Source:
         self.runtime = Consumer(settings, settings.embed_group, {self.topic: change},
                                 StoredOffsets(settings, settings.embed_group),
                                 settings.embed_max_records,
-                                retry_max_s=settings.embed_retry_max_s, check_future=False)
+                                retry_max_s=settings.embed_retry_max_s, check_future=False,
+                                fetch_max_wait_ms=settings.embed_fetch_max_wait_ms)
         self.runtime.subscribe()
 
     @property

@@ -45,8 +45,8 @@ from shared.settings import Settings
 log = logging.getLogger("cofeat.embed")
 RESYNC_EVERY_S = 30.0  # how often warm rows are compared with the live collection
 CHUNK = 1000  # ids per Milvus query
-SCAN_SPAN = 50_000  # interactions (by seq) per call of the start-up read
-WRITE_CHUNK = 256  # projects folded in per call
+SCAN_SPAN = 20_000  # interactions (by seq) per call of the start-up read
+WRITE_CHUNK = 64  # projects folded in per call (a few tenths of a second on busy cores)
 MAX_KEY = 2**63 - 1
 
 _ISOLATION = "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ"

@@ -7,6 +7,7 @@ writes the heartbeat `cofeat-healthcheck --heartbeat` reads (services/refresh/he
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -63,9 +64,17 @@ def start_service(name: str, metrics: bool = True) -> Settings:
     from shared.logs import setup_logging
 
     setup_logging(settings, name)
+    lower_priority(settings.refresh_nice)
     if metrics:
         serve_metrics(settings.metrics_port)
     return settings
+
+
+def lower_priority(nice: int) -> None:
+    """Up to `nice` (a process never raises its own priority back: only the difference is
+    added, and only where the platform has niceness)."""
+    if nice and hasattr(os, "nice"):
+        os.nice(max(0, nice - os.nice(0)))
 
 
 def run_factors_once(settings: Settings, full: bool = False):

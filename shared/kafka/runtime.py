@@ -139,7 +139,7 @@ class Consumer:
 
     def __init__(self, settings: Settings, group: str, decoders: Mapping[str, Decode],
                  offsets: StoredOffsets, max_records: int, retry_max_s: float = 30.0,
-                 check_future: bool = True):
+                 check_future: bool = True, fetch_max_wait_ms: int = 500):
         self.settings, self.group = settings, group
         self.decoders = dict(decoders)
         self.max_records = max_records
@@ -147,7 +147,8 @@ class Consumer:
                         else None)
         self.consumer = KafkaConsumer(**consumer_config(
             settings, group, max_poll_records=max_records,
-            max_poll_interval_ms=settings.kafka_max_poll_interval_ms))
+            max_poll_interval_ms=settings.kafka_max_poll_interval_ms,
+            fetch_max_wait_ms=fetch_max_wait_ms))
         self.generation = 0  # bumped by every revocation: older batches are void
         self.joined = False  # assigned at least once (possibly nothing)
         self.held = False  # the owner paused everything

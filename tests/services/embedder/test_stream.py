@@ -29,6 +29,7 @@ from tests.services.embedder.conftest import (
     promote,
     rows,
     seed_projects,
+    settle,
     start_embed,
     start_ingest,
 )
@@ -199,3 +200,34 @@ def test_refuses_bad_settings_and_old_schema(esettings, db_url, tmp_path):
     proc = start_embed(esettings, log)
     assert proc.wait(60) == 3
     assert "run `cofeat migrate`" in log.read_text()
+
+
+def test_the_stream_is_polled_after_every_other_part(esettings, db_url):
+    """An event waits behind one part of the loop, never behind a whole turn."""
+    from services.embedder.service import Embedder
+
+    seed_projects(esettings, db_url, 2)
+    make_cnn(esettings, db_url, seed=1)
+    embedder = Embedder(esettings)
+    try:
+        embedder.start()
+        settle(embedder)
+        calls: list[str] = []
+        stream_step = embedder.stream.step
+        embedder.stream.step = lambda timeout: (calls.append("stream"), stream_step(timeout))
+        parts = ("backfill_step", "drop_retired", "reload_after_outage")
+        for name in parts:
+            original = getattr(embedder.lifecycle, name)
+            setattr(embedder.lifecycle, name,
+                    lambda name=name, original=original: (calls.append(name), original()))
+        for part in ("retry_step",):
+            original = getattr(embedder, part)
+            setattr(embedder, part, lambda part=part, original=original: (calls.append(part),
+                                                                          original()))
+        embedder.turn()
+        assert calls[0] == "stream"
+        others = [i for i, call in enumerate(calls) if call != "stream"]
+        assert len(others) == 4
+        assert all(calls[i + 1] == "stream" for i in others), calls
+    finally:
+        embedder.close()
