@@ -11,8 +11,9 @@
 Everything runs in one thread, in turn, so writes never race: a backfill is a sequence of
 short steps between stream batches (each about COFEAT_EMBED_BACKFILL_STEP_S long, which
 bounds how long a new project waits), and the alias moves right after its check, with no
-stream write in between. The stream is polled again (without waiting) after every other
-part, so an event waits behind one part, not behind a whole turn.
+stream write in between. The stream is polled again (without waiting) after any other
+part that took more than STREAM_AGAIN_AFTER_S, so an event waits behind one long part, not
+behind a whole turn.
 
 Only the replica that holds the leader lock runs this loop (leader.py); it stops at the
 next turn after losing the lock, and asks Postgres again right before an alias swap or a
@@ -42,6 +43,7 @@ from shared.settings import Settings
 
 log = logging.getLogger("cofeat.embed")
 BACKFILL_POLL_MS = 50  # a fetch round trip to a broker on busy cores
+STREAM_AGAIN_AFTER_S = 0.1  # a part this long is followed by another look at the stream
 
 
 class Embedder:
@@ -158,10 +160,11 @@ class Embedder:
             for part in (self.lifecycle.backfill_step, self.retry_step,
                          self.reconciler.step, self.lifecycle.drop_retired,
                          self.lifecycle.reload_after_outage, self.warmup.step):
-                timed(part)
-                # What came meanwhile goes out now, not after the other parts too: an
-                # event waits behind one part at most.
-                timed(self.stream_between)
+                # What came during a long part goes out now, not after the other parts
+                # too. Not after every part: each stream batch costs its own queries, and
+                # many small ones slow the turn (a backfill then falls behind new projects).
+                if timed(part) > STREAM_AGAIN_AFTER_S:
+                    timed(self.stream_between)
             if self.drain and self.drained():
                 log.info("backfills done and caught up on every partition; draining done")
                 self.report_waiting()
@@ -212,8 +215,9 @@ class Embedder:
         self.db.close()
 
 
-def timed(part: Callable[[], object], slow_s: float = 5.0) -> None:
-    # A slow part delays every stream event behind it: say which one it was.
+def timed(part: Callable[[], object], slow_s: float = 5.0) -> float:
+    """Run `part`; the seconds it took. A slow part delays every stream event behind it:
+    say which one it was."""
     started = time.monotonic()
     part()
     took = time.monotonic() - started
@@ -221,3 +225,4 @@ def timed(part: Callable[[], object], slow_s: float = 5.0) -> None:
     metrics.LOOP_PART.labels(name).observe(took)
     if took > slow_s:
         log.warning("slow loop step: %s took %.1f s", name, took)
+    return took

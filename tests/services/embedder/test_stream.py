@@ -202,8 +202,10 @@ def test_refuses_bad_settings_and_old_schema(esettings, db_url, tmp_path):
     assert "run `cofeat migrate`" in log.read_text()
 
 
-def test_the_stream_is_polled_after_every_other_part(esettings, db_url):
-    """An event waits behind one part of the loop, never behind a whole turn."""
+def test_the_stream_is_polled_again_after_a_long_part(esettings, db_url):
+    """An event waits behind one long part of the loop, never behind a whole turn; short
+    parts do not each cost a stream batch."""
+    from services.embedder import service
     from services.embedder.service import Embedder
 
     seed_projects(esettings, db_url, 2)
@@ -215,19 +217,23 @@ def test_the_stream_is_polled_after_every_other_part(esettings, db_url):
         calls: list[str] = []
         stream_step = embedder.stream.step
         embedder.stream.step = lambda timeout: (calls.append("stream"), stream_step(timeout))
-        parts = ("backfill_step", "drop_retired", "reload_after_outage")
-        for name in parts:
-            original = getattr(embedder.lifecycle, name)
-            setattr(embedder.lifecycle, name,
-                    lambda name=name, original=original: (calls.append(name), original()))
-        for part in ("retry_step",):
-            original = getattr(embedder, part)
-            setattr(embedder, part, lambda part=part, original=original: (calls.append(part),
-                                                                          original()))
+
+        def long_part(name, original):
+            def run():
+                calls.append(name)
+                time.sleep(service.STREAM_AGAIN_AFTER_S * 1.5)
+                return original()
+            return run
+
+        def short_part(name, original):
+            return lambda: (calls.append(name), original())
+
+        lifecycle = embedder.lifecycle
+        lifecycle.backfill_step = long_part("backfill", lifecycle.backfill_step)
+        embedder.retry_step = short_part("retry", embedder.retry_step)
+        lifecycle.drop_retired = short_part("drop", lifecycle.drop_retired)
+        embedder.warmup.step = long_part("warm", embedder.warmup.step)
         embedder.turn()
-        assert calls[0] == "stream"
-        others = [i for i, call in enumerate(calls) if call != "stream"]
-        assert len(others) == 4
-        assert all(calls[i + 1] == "stream" for i in others), calls
+        assert calls == ["stream", "backfill", "stream", "retry", "drop", "warm", "stream"]
     finally:
         embedder.close()
