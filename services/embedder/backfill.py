@@ -49,6 +49,10 @@ class Backfill:
         self.users = contract.collection_name(settings, contract.USERS, self.version)
         self.build_projects, self.build_users = projects, users and self._users_possible()
         self.after = -1  # keyset cursor over projects.project_id
+        # The highest id when stream writes began to reach this collection: any project
+        # above it came later, and the stream writes it. Paging past it would chase new
+        # projects for as long as they come faster than a fill step writes them.
+        self.upto = -1
         self.user_vectors, self.user_ids = np.zeros((0, 0), np.float32), np.zeros(0, np.int64)
         self.user_rows = 0  # users written so far
         self.next_load_check = 0.0
@@ -119,7 +123,7 @@ class Backfill:
     def step(self) -> bool:
         """One unit of work; True once the collections are loaded and ready to verify."""
         if self.phase == "prepare" and self._loaded_now():
-            self.phase = "fill"
+            self._begin_fill()
         elif self.phase == "fill":
             if not self._fill_step():
                 self._request_load()
@@ -128,6 +132,11 @@ class Backfill:
             if all(self._ready(name) for name in self._names()):
                 self.phase = "ready"
         return self.phase == "ready"
+
+    def _begin_fill(self) -> None:
+        # Read after targets() names this collection: the stream writes what comes next.
+        self.phase = "fill"
+        self.upto = states.last_id(self.db())
 
     def _loaded_now(self) -> bool:
         if time.monotonic() < self.next_load_check:
@@ -173,7 +182,7 @@ class Backfill:
         """Up to `chunk` projects, or one insert of users; returns the projects read, None
         when nothing is left."""
         if self.build_projects and self.after is not None:
-            page = states.live_page(self.db(), self.after, chunk)
+            page = states.live_page(self.db(), self.after, chunk, self.upto)
             self.write({state.project_id: state for state in page})
             # Only after the write: a failed step is retried from the same place.
             self.after = page[-1].project_id if page else None

@@ -41,9 +41,12 @@ _CURRENT = f"SELECT {_COLUMNS} FROM projects p WHERE p.project_id = ANY(%(ids)s)
 
 _LIVE_PAGE = f"""
 SELECT {_COLUMNS} FROM projects p
-WHERE p.status = 'live' AND p.project_id > %(after)s AND {_FAILURE} IS NULL
+WHERE p.status = 'live' AND p.project_id > %(after)s AND p.project_id <= %(upto)s
+  AND {_FAILURE} IS NULL
 ORDER BY p.project_id LIMIT %(limit)s
 """
+
+_LAST_ID = "SELECT coalesce(max(project_id), -1) FROM projects"
 
 # NULL: its storage did not answer; the row it has (an older state's) or none both do.
 _EXPECTED_PAGE = f"""
@@ -68,11 +71,17 @@ def current(conn: psycopg.Connection, project_ids: Iterable[int]) -> dict[int, S
     return {row[0]: State(*row) for row in _read(conn, _CURRENT, {"ids": ids})}
 
 
-def live_page(conn: psycopg.Connection, after: int, limit: int) -> list[State]:
-    """Live projects with ids above `after` whose image has not failed, in id order
-    (keyset pagination)."""
-    rows = _read(conn, _LIVE_PAGE, {"after": after, "limit": limit})
+def live_page(conn: psycopg.Connection, after: int, limit: int,
+              upto: int = 2**63 - 1) -> list[State]:
+    """Live projects with ids in (`after`, `upto`] whose image has not failed, in id
+    order (keyset pagination)."""
+    rows = _read(conn, _LIVE_PAGE, {"after": after, "upto": upto, "limit": limit})
     return [State(*row) for row in rows]
+
+
+def last_id(conn: psycopg.Connection) -> int:
+    """The highest project id Postgres holds, -1 when none."""
+    return _read(conn, _LAST_ID, {})[0][0]
 
 
 def expected_page(conn: psycopg.Connection, after: int,

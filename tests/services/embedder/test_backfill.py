@@ -348,3 +348,37 @@ def test_newer_models_wait_for_the_backfill_in_progress(esettings, db_url):
     finally:
         c.close()
         embedder.close()
+
+
+def test_a_backfill_pages_only_the_projects_there_when_it_began_filling(esettings, db_url):
+    """Projects stored after the fill began are the stream's to write: paging on past them
+    would chase new projects for as long as they come faster than fill steps write them.
+    The check before the swap still finds and repairs any the stream did not write (here:
+    stored without an event)."""
+    settings = esettings.model_copy(update={"embed_backfill_chunk": 4})
+    seed_projects(settings, db_url, 12)
+    version = make_cnn(settings, db_url, seed=1)
+    embedder = Embedder(settings, drain=True)
+    c = client(settings)
+    try:
+        embedder.start()
+        embedder.lifecycle.check_model()
+        backfill = embedder.lifecycle.backfill
+        while backfill.phase == "prepare":
+            backfill.step()
+        seed_projects(settings, db_url, 20, start=1000)  # after the fill began
+        steps = 0
+        while backfill.phase == "fill":
+            backfill.step()
+            steps += 1
+        assert count(c, backfill.projects) == 12
+        assert steps <= 12 // 4 + 2  # pages of at most 4, and one to find the end
+        deadline = time.monotonic() + 60
+        while not backfill.step():
+            assert time.monotonic() < deadline, "never ready"
+        backfill.verify()  # repairs the 20, and confirms
+        assert count(c, backfill.projects) == 32
+        assert backfill.version == version
+    finally:
+        c.close()
+        embedder.close()
