@@ -143,7 +143,7 @@ def embed_throughput(settings: Settings, images: int, backbone: str = "small") -
 
 def event_to_searchable(settings: Settings, events: int, gap_s: float = 0.2) -> dict:
     """Latency from producing a `published` event to a query through the alias finding it."""
-    paths = write_images(settings.data_dir / "fresh", events, seed=1)
+    paths = write_images(settings.data_dir / "images" / "fresh", events, seed=1)
     with embed_service(settings, "embed-service.log") as live:
         latencies = []
         for n, path in enumerate(paths):
@@ -173,7 +173,7 @@ def freshness_during_backfill(settings: Settings, backbone: str, rate: float,
 
 def _trickle(settings: Settings, live: Live, rate: float, target: str) -> dict:
     """Publish `rate` events/s until the alias is on `target`; wait for every one."""
-    paths = write_images(settings.data_dir / "trickle", 100, seed=3)
+    paths = write_images(settings.data_dir / "images" / "trickle", 100, seed=3)
     pending: dict[int, float] = {}  # project_id -> produced at
     latencies, swapped, n = [], False, 0
     next_event = next_alias_check = time.perf_counter()
@@ -267,7 +267,7 @@ def _one_event(live: Live, project_id: int, path: str) -> float:
 
 def _wait_ready(settings: Settings, live: Live, proc: subprocess.Popen) -> None:
     """Until the service has its collection and has joined its group (a warm-up event)."""
-    path = write_images(settings.data_dir / "warmup", 1, seed=2)[0]
+    path = write_images(settings.data_dir / "images" / "warmup", 1, seed=2)[0]
     deadline = time.monotonic() + 300
     while live.alias not in live.client.list_aliases()["aliases"]:
         if proc.poll() is not None or time.monotonic() > deadline:
