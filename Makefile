@@ -6,6 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SCALE ?= small
 IMAGES ?= local
+WORLD ?=
 export OMP_WAIT_POLICY ?= PASSIVE
 export PYTHONDONTWRITEBYTECODE = 1
 
@@ -24,7 +25,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/cofeat demo --scale $(SCALE) --images $(IMAGES)
+	$(BIN)/cofeat demo --scale $(SCALE) --images $(IMAGES) $(if $(WORLD),--world $(WORLD))
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -27,15 +27,17 @@ def free_port() -> int:
 def run(demo: Demo) -> None:
     started = time.monotonic()
     state = demo.state()
-    if (state.get("scale"), state.get("images", "local")) != (demo.scale, demo.images):
+    if (state.get("scale"), state.get("images", "local"), state.get("world")) != (
+            demo.scale, demo.images, demo.world):
         # One Milvus serves the whole machine (cofeat dev up reuses a running one), so a
         # fresh demo gets collection names of its own instead of meeting an older run's.
         # Image URLs are published with their port: a resumed demo serves on the same one.
         demo.state_path.write_text(json.dumps(
             {"scale": demo.scale, "milvus_prefix": f"demo{uuid.uuid4().hex[:6]}_",
-             "images": demo.images, "image_port": free_port()}))
+             "images": demo.images, "world": demo.world, "image_port": free_port()}))
     demo.env.setdefault("COFEAT_MILVUS_PREFIX", demo.state()["milvus_prefix"])
-    say(f"== cofeat demo ({demo.scale}, images {demo.images}) in {demo.data_dir}")
+    say(f"== cofeat demo ({demo.scale}, images {demo.images}"
+        f"{f', world {demo.world}' if demo.world else ''}) in {demo.data_dir}")
     images = demo.serve_images(demo.state()["image_port"]) if demo.images == "http" else None
     try:
         demo.cofeat("dev", "up")
@@ -58,19 +60,24 @@ def run(demo: Demo) -> None:
         "cofeat search similar --project-id 1")
 
 
+def simulate_args(demo: Demo) -> list[str]:
+    args = ["simulate", "--preset", demo.scale, "--rate", str(RATES[demo.scale]),
+            "--invalid-fraction", "0.002", "--duplicate-fraction", "0.01", "--format", "jpeg"]
+    if demo.world:
+        args += ["--world", demo.world]
+    if demo.images == "http":
+        args += ["--image-base-url", demo.image_base_url(demo.state()["image_port"])]
+    return args
+
+
 def live_loop(demo: Demo) -> dict:
     say("== live loop: simulator → Kafka → ingest → refresh (factors, CNN) → embed")
     metrics_port = free_port()
     demo.env.update({"COFEAT_RUN_SERVICES": "ingest,refresh,embed",
                      "COFEAT_METRICS_PORT": str(metrics_port)})
     supervisor = demo.background("run", log_name="services")
-    where = []
-    if demo.images == "http":
-        where = ["--image-base-url", demo.image_base_url(demo.state()["image_port"])]
     try:
-        demo.cofeat("simulate", "--preset", demo.scale, "--rate", str(RATES[demo.scale]),
-                    "--invalid-fraction", "0.002", "--duplicate-fraction", "0.01",
-                    "--format", "jpeg", *where)
+        demo.cofeat(*simulate_args(demo))
         wait_for_ingest(demo)
         freshness = scrape_histogram(metrics_port + 3, "cofeat_embed_freshness_seconds")
         if freshness:  # where the time went

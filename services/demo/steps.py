@@ -40,10 +40,12 @@ RATES = {"small": 3000, "tiny": 250}
 
 
 class Demo:
-    def __init__(self, data_dir: Path, scale: str, images: str = "local"):
+    def __init__(self, data_dir: Path, scale: str, images: str = "local",
+                 world: str | None = None):
         self.data_dir = data_dir.resolve()
         self.scale = scale
         self.images = images  # "http": published as URLs of a local image server
+        self.world = world  # None: the preset's own (structure on small)
         self.dir = self.data_dir / "demo"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.state_path = self.dir / "state.json"

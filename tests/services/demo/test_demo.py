@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import uuid
@@ -89,3 +90,19 @@ def test_images_over_http_are_served_from_the_data_dir(tmp_path):
                 time.sleep(0.2)
     finally:
         stop(server, timeout_s=10)
+
+
+def test_the_world_option_reaches_the_simulator_and_a_bad_one_is_refused(tmp_path):
+    """`make demo WORLD=palette`: the palette world (style tied to colour) instead of the
+    scale's own, for the evaluation's table on it."""
+    from services.demo.run import simulate_args
+    from services.demo.steps import Demo
+
+    args = simulate_args(Demo(tmp_path / "data", "small", world="palette"))
+    assert args[args.index("--world") + 1] == "palette"
+    assert "--world" not in simulate_args(Demo(tmp_path / "data", "small"))
+    result = subprocess.run([sys.executable, "-m", "services", "demo", "--world", "purple"],
+                            capture_output=True, text=True,
+                            env={**os.environ, "COFEAT_DATA_DIR": str(tmp_path / "no")},
+                            timeout=60)
+    assert result.returncode == 2 and "world must be structure or palette" in result.stderr
