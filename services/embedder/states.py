@@ -71,8 +71,7 @@ def current(conn: psycopg.Connection, project_ids: Iterable[int]) -> dict[int, S
     return {row[0]: State(*row) for row in _read(conn, _CURRENT, {"ids": ids})}
 
 
-def live_page(conn: psycopg.Connection, after: int, limit: int,
-              upto: int = 2**63 - 1) -> list[State]:
+def live_page(conn: psycopg.Connection, after: int, limit: int, upto: int) -> list[State]:
     """Live projects with ids in (`after`, `upto`] whose image has not failed, in id
     order (keyset pagination)."""
     rows = _read(conn, _LIVE_PAGE, {"after": after, "upto": upto, "limit": limit})
