@@ -75,7 +75,9 @@ class Settings(BaseSettings):
     run_ingest_replicas: int = Field(1, ge=1, le=64)
 
     ingest_group: str = "cofeat-ingest"
-    ingest_max_records: int = Field(5000, ge=1)
+    ingest_max_records: int = Field(
+        20_000, ge=1, description="most events in one batch, one transaction; each batch "
+        "costs a few round trips, so larger ones store faster (benchmarks/ingest.py)")
     ingest_poll_timeout_ms: int = Field(500, ge=1)
     ingest_retry_max_s: float = Field(30.0, gt=0)
     ingest_synchronous_commit: Literal["on", "off"] = Field(

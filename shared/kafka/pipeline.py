@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 import time
 from collections import deque
 from collections.abc import Callable
@@ -33,6 +34,10 @@ from shared.kafka.runtime import Consumer
 log = logging.getLogger("cofeat.consumer")
 
 SHORT_POLL_MS = 20  # while a batch is being stored: come back soon to hand it the next
+# Each of the store thread's round trips to Postgres ends by taking the GIL back from the
+# polling thread, which decodes records in pure Python: at the default 5 ms switch
+# interval a batch's few round trips cost tens of ms of waiting. 1 ms: ingest ~14% faster.
+SWITCH_INTERVAL_S = 0.001
 
 
 def dependency(error: BaseException) -> str:
@@ -60,6 +65,8 @@ class Pipeline:
         consumer.revoke_hooks.append(self._revoked)
 
     def run(self, stopping: Callable[[], bool], drain: bool = False) -> None:
+        switch_interval = sys.getswitchinterval()
+        sys.setswitchinterval(min(switch_interval, SWITCH_INTERVAL_S))
         try:
             while not stopping():
                 self._collect()
@@ -81,6 +88,7 @@ class Pipeline:
                     break
         finally:
             self._finish()
+            sys.setswitchinterval(switch_interval)
 
     @property
     def failing(self) -> bool:
