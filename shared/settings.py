@@ -180,7 +180,8 @@ class Settings(BaseSettings):
     image_max_pixels: int = Field(25_000_000, ge=1, description="width x height from the "
                                   "header, refused before decoding (decompression bombs)")
     image_connect_timeout_s: float = Field(5.0, gt=0)
-    image_read_timeout_s: float = Field(10.0, gt=0, description="longest silence while reading")
+    image_read_timeout_s: float = Field(10.0, gt=0, description="longest silence while reading "
+                                        "(HTTP: rounded up to whole seconds)")
     image_fetch_timeout_s: float = Field(30.0, gt=0, description="one fetch, all of it")
     image_fetch_attempts: int = Field(3, ge=1, description="tries per fetch on transient "
                                       "failures (5xx, resets, timeouts) before it is "

@@ -80,8 +80,7 @@ class ImageReader:
         limits = limits or Limits.defaults()
         self.policy, self.limits, self.cache = policy, limits, cache
         self.http = HttpFetcher(policy, connect_s=limits.connect_s, read_s=limits.read_s,
-                                total_s=limits.total_s, max_bytes=limits.max_bytes,
-                                pool_size=limits.concurrency)
+                                total_s=limits.total_s, max_bytes=limits.max_bytes)
         self.store = StoreFetcher(s3_endpoint_url=s3_endpoint_url, connect_s=limits.connect_s,
                                   read_s=limits.read_s, max_bytes=limits.max_bytes)
         self.outage_base_s, self.outage_max_s = outage_base_s, outage_max_s

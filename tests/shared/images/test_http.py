@@ -219,3 +219,18 @@ def test_https_verifies_the_url_name_on_the_checked_address(image_server, tmp_pa
     finally:
         for server in servers:
             server.close()
+
+
+def test_libcurl_gets_the_url_rebuilt_from_the_parts_checked(image_server, tmp_path):
+    """Where Python's URL parser and libcurl's could read a crafted authority differently,
+    libcurl is handed only what was checked: scheme, host, port, path and query."""
+    from urllib.parse import urlsplit
+
+    from shared.images.http import _rebuilt
+
+    parts = urlsplit("HTTP://[::1]:8080/a/b.png?v=2#fragment")
+    assert _rebuilt("http", "::1", 8080, parts) == "http://[::1]:8080/a/b.png?v=2"
+    assert _rebuilt("https", "cdn.example", 443, urlsplit("https://cdn.example")) == (
+        "https://cdn.example:443/")
+    reader = reader_for(tmp_path)
+    assert reader.read(image_server.url("files/ok.png?v=3#part")).startswith(b"\x89PNG")
