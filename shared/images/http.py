@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import os
 import socket
 import ssl
 import threading
@@ -39,6 +40,7 @@ MAX_REDIRECTS = 5
 REDIRECTS = (301, 302, 303, 307, 308)
 CHUNK = 256 * 1024
 DNS_TTL_S = 30.0
+_INHERITED: list[pycurl.Curl] = []  # handles a forked process came with, kept from cleanup
 _TLS_ERRORS = frozenset(getattr(pycurl, name) for name in dir(pycurl)
                         if name.startswith("E_SSL") or name == "E_PEER_FAILED_VERIFICATION")
 
@@ -121,26 +123,36 @@ class HttpFetcher:
     # -- the request -------------------------------------------------------------------
 
     def _handle(self) -> pycurl.Curl:
-        curl = getattr(self._handles, "curl", None)
-        if curl is None:
-            curl = pycurl.Curl()
-            options = {
-                pycurl.NOSIGNAL: 1, pycurl.FOLLOWLOCATION: 0, pycurl.PROXY: "",
-                pycurl.PROTOCOLS: pycurl.PROTO_HTTP | pycurl.PROTO_HTTPS,
-                pycurl.HTTPHEADER: ["Accept: image/*", "User-Agent: cofeat-images"],
-                pycurl.MAXFILESIZE_LARGE: self.max_bytes, pycurl.BUFFERSIZE: CHUNK,
-                # No byte for read_s (whole seconds in libcurl): the server went silent.
-                pycurl.LOW_SPEED_LIMIT: 1,
-                pycurl.LOW_SPEED_TIME: max(1, math.ceil(self.read_s)),
-                pycurl.SSL_VERIFYPEER: 1, pycurl.SSL_VERIFYHOST: 2,
-            }
-            for option, value in options.items():
-                curl.setopt(option, value)
-            if self.cafile:
-                curl.setopt(pycurl.CAINFO, self.cafile)
-            if self.capath:
-                curl.setopt(pycurl.CAPATH, self.capath)
-            self._handles.curl = curl
+        held = getattr(self._handles, "held", None)
+        if held is not None and held[0] == os.getpid():
+            return held[1]
+        if held is not None:
+            # Forked (DataLoader workers fork, and the forking thread's locals come along):
+            # that handle's connections are the parent's sockets. Never use it, and never
+            # clean it up here, which could close the parent's TLS sessions.
+            _INHERITED.append(held[1])
+        curl = self._new_handle()
+        self._handles.held = (os.getpid(), curl)
+        return curl
+
+    def _new_handle(self) -> pycurl.Curl:
+        curl = pycurl.Curl()
+        options = {
+            pycurl.NOSIGNAL: 1, pycurl.FOLLOWLOCATION: 0, pycurl.PROXY: "",
+            pycurl.PROTOCOLS: pycurl.PROTO_HTTP | pycurl.PROTO_HTTPS,
+            pycurl.HTTPHEADER: ["Accept: image/*", "User-Agent: cofeat-images"],
+            pycurl.MAXFILESIZE_LARGE: self.max_bytes, pycurl.BUFFERSIZE: CHUNK,
+            # No byte for read_s (whole seconds in libcurl): the server went silent.
+            pycurl.LOW_SPEED_LIMIT: 1,
+            pycurl.LOW_SPEED_TIME: max(1, math.ceil(self.read_s)),
+            pycurl.SSL_VERIFYPEER: 1, pycurl.SSL_VERIFYHOST: 2,
+        }
+        for option, value in options.items():
+            curl.setopt(option, value)
+        if self.cafile:
+            curl.setopt(pycurl.CAINFO, self.cafile)
+        if self.capath:
+            curl.setopt(pycurl.CAPATH, self.capath)
         return curl
 
     def _get(self, url: str, host: str, port: int, address: str,

@@ -234,3 +234,25 @@ def test_libcurl_gets_the_url_rebuilt_from_the_parts_checked(image_server, tmp_p
         "https://cdn.example:443/")
     reader = reader_for(tmp_path)
     assert reader.read(image_server.url("files/ok.png?v=3#part")).startswith(b"\x89PNG")
+
+
+def test_a_forked_process_opens_its_own_connections(image_server, tmp_path):
+    """DataLoader workers fork with the forking thread's handle in its locals: the child
+    must not speak on the parent's sockets, and the parent goes on reading."""
+    import multiprocessing
+
+    reader = reader_for(tmp_path)
+    url = image_server.url("files/ok.png")
+    first = reader.read(url)
+    parent = reader.http._handles.held[1]
+    results = multiprocessing.get_context("fork").Queue()
+
+    def child() -> None:
+        same = reader.read(url) == first
+        results.put((same, reader.http._handles.held[1] is parent))
+
+    process = multiprocessing.get_context("fork").Process(target=child)
+    process.start()
+    process.join(30)
+    assert results.get(timeout=5) == (True, False)  # read, on a handle of its own
+    assert reader.read(url) == first and reader.http._handles.held[1] is parent
