@@ -160,9 +160,9 @@ class HttpFetcher:
         """(status, body, Location) of one GET to the checked address."""
         curl = self._handle()
         body = _Body(self.max_bytes)
-        pinned = f"[{address}]" if ":" in address else address
         curl.setopt(pycurl.URL, url)
         if not _literal(host):  # an address in the URL is connected to as it is
+            pinned = f"[{address}]" if ":" in address else address
             curl.setopt(pycurl.RESOLVE, [f"-{host}:{port}", f"{host}:{port}:{pinned}"])
         curl.setopt(pycurl.CONNECTTIMEOUT_MS, _ms(min(self.connect_s, _left(deadline))))
         curl.setopt(pycurl.TIMEOUT_MS, _ms(_left(deadline)))
@@ -207,7 +207,7 @@ class _Body:
         return None
 
     def header(self, line: bytes) -> None:
-        if line[:1] in (b"H", b"h") and line[:5].upper() == b"HTTP/":
+        if line[:5].upper() == b"HTTP/":
             self.location = None  # a new response (after an interim one) starts
         elif line[:9].lower() == b"location:":
             self.location = line[9:].strip().decode("latin-1")
@@ -224,19 +224,20 @@ def _rebuilt(scheme: str, host: str, port: int, parts) -> str:
     return f"{scheme}://{name}:{port}{target}"
 
 
-def _same_address(connected: str, checked: str) -> bool:
+def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     try:
-        return ipaddress.ip_address(connected) == ipaddress.ip_address(checked)
+        return ipaddress.ip_address(text)
     except ValueError:
-        return False
+        return None
+
+
+def _same_address(connected: str, checked: str) -> bool:
+    address = _address(connected)
+    return address is not None and address == _address(checked)
 
 
 def _literal(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
+    return _address(host) is not None
 
 
 def _ms(seconds: float) -> int:
