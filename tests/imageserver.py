@@ -85,6 +85,18 @@ class Handler(BaseHTTPRequestHandler):
             return self._chunked(int(rest[0]))
         if kind == "drip":
             return self._drip(rest[0])
+        if kind == "truncated":  # promises the whole file, sends half, hangs up
+            body = (self.state.directory / rest[0]).read_bytes()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body[:len(body) // 2])
+            self.close_connection = True
+            return None
+        if kind == "garbage":  # not HTTP at all
+            self.wfile.write(b"\x00\xffnot a status line\r\n\r\n")
+            self.close_connection = True
+            return None
         if kind == "redirect":
             self.send_response(302)
             self.send_header("Location", parse_qs(url.query).get("to", [url.path])[0])

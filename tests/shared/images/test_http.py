@@ -256,3 +256,14 @@ def test_a_forked_process_opens_its_own_connections(image_server, tmp_path):
     process.join(30)
     assert results.get(timeout=5) == (True, False)  # read, on a handle of its own
     assert reader.read(url) == first and reader.http._handles.held[1] is parent
+
+
+def test_truncated_and_garbled_responses_are_transient_and_the_reader_goes_on(image_server,
+                                                                            tmp_path):
+    reader = reader_for(tmp_path, image_fetch_attempts=1)
+    with pytest.raises(Unavailable, match="curl error 18"):  # fewer bytes than announced
+        reader.read(image_server.url("truncated/ok.png"))
+    other = reader_for(tmp_path, image_fetch_attempts=1)  # the first host's backoff aside
+    with pytest.raises(Unavailable, match="curl error"):  # no HTTP status line at all
+        other.read(image_server.url("garbage"))
+    assert reader_for(tmp_path).open(image_server.url("files/ok.png")).size == (64, 48)
