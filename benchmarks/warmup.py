@@ -1,7 +1,8 @@
 """The warm-up curve on a simulated world: user_recall@20 on new projects by interactions
 seen, for the warm-up vector, the CNN-only vector and popularity (docs/evaluation.md).
 
-    .venv/bin/python benchmarks/warmup.py [--preset tiny] [--seed 0] [--strengths 0.3 1 3]
+    .venv/bin/python benchmarks/warmup.py [--preset tiny|small] [--seed 0]
+        [--strengths 0.3 1 3] [--metrics ip cosine]
 
 The world is simulated into a scratch directory and stored in a scratch database on
 COFEAT_DATABASE_URL's server (dropped after): the first 70% of the stream, the real factor
@@ -54,7 +55,7 @@ def drop_database(admin_url: str, url: str) -> None:
 
 
 def build(root: Path, url: str, preset: str, seed: int) -> Settings:
-    simulate(root, "--seed", str(seed))
+    simulate(root, "--preset", preset, "--seed", str(seed))
     recipe = {k.removeprefix("COFEAT_").lower(): v for k, v in DEMO_ENV[preset].items()}
     settings = Settings(database_url=url, data_dir=root, cnn_workers=0, log_format="text",
                         image_roots=str(root / "images"), **recipe)
@@ -69,7 +70,8 @@ def build(root: Path, url: str, preset: str, seed: int) -> Settings:
     return settings
 
 
-def measure(settings: Settings, strengths: list[float]) -> dict[float, list[dict]]:
+def measure(settings: Settings, strengths: list[float],
+            metrics: list[str]) -> dict[tuple[float, str], list[dict]]:
     with psycopg.connect(settings.require_database_url()) as conn:
         inputs = evaluate.prepare(conn, settings.data_dir, evaluate.EvalConfig(),
                                   ImageReader.from_settings(settings))
@@ -79,15 +81,18 @@ def measure(settings: Settings, strengths: list[float]) -> dict[float, list[dict
         _, heads = evaluate.cnn_outputs(inputs.plan.live["model"], pixels)
         vectors = evaluate.factor_space(evaluate.REGRESS, heads, None)
         base = WarmParams.from_settings(settings)
-        return {s: warmup.curve(conn, inputs.catalog.ids[new], vectors, inputs.factors,
-                                replace(base, strength=s)) for s in strengths}
+        return {(s, m): warmup.curve(conn, inputs.catalog.ids[new], vectors, inputs.factors,
+                                     replace(base, strength=s), metric=m)
+                for s in strengths for m in metrics}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", default="tiny", choices=["tiny"])
+    parser.add_argument("--preset", default="tiny", choices=["tiny", "small"])
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--strengths", type=float, nargs="+", default=[1.0])
+    parser.add_argument("--strengths", type=float, nargs="+", default=[0.3])
+    parser.add_argument("--metrics", nargs="+", choices=["ip", "cosine"], default=["ip"],
+                        help="how the warm-up vector is ranked (ip: as served)")
     args = parser.parse_args()
     admin = os.environ.get("COFEAT_DATABASE_URL")
     if not admin:
@@ -97,14 +102,14 @@ def main() -> None:
     started = time.monotonic()
     try:
         settings = build(root, url, args.preset, args.seed)
-        curves = measure(settings, args.strengths)
+        curves = measure(settings, args.strengths, args.metrics)
     finally:
         drop_database(admin, url)
         shutil.rmtree(root, ignore_errors=True)
     print(f"world: {args.preset}, seed {args.seed}; machine: {describe()}; "
           f"load average {os.getloadavg()[0]:.1f}; {time.monotonic() - started:.0f} s")
-    for strength, rows in curves.items():
-        print(f"\nprior strength {strength:g}")
+    for (strength, metric), rows in curves.items():
+        print(f"\nprior strength {strength:g}, ranked by {metric}")
         print(warmup.markdown(rows).split("\n\n", 1)[1])
     if not any(np.isfinite(r["score"]) for rows in curves.values() for r in rows):
         sys.exit("no scores: the world has no new projects with later appreciations")

@@ -10,8 +10,11 @@ Every query goes through the aliases `<prefix>cofeat_projects` and `<prefix>cofe
 
 `for_user` also reads `<prefix>cofeat_projects_warm` when that alias exists: a new
 project with its first interactions folded in (the embedder's warm-up) scores by that
-vector there, every other project by its image vector. Similar-project queries never read
-it. `warm=False` turns this off.
+vector there, every other project by its image vector. The warm rows keep their length
+and are ranked by inner product against the unit user vector, so a warm score is the
+cosine the image vector would get times how far behaviour has stretched it; the search
+names no metric there, so an older warm collection (unit rows, cosine) still answers.
+Similar-project queries never read it. `warm=False` turns this off.
 
 Results are `Hit`s (use `hit.as_dict()` for JSON). An id that is not in the collection
 raises `NotFound`; Milvus being down or an alias missing raises pymilvus' MilvusException.
@@ -242,7 +245,8 @@ class CofeatClient:
         if self.warm is None or not self._warm_present():
             return None
         try:
-            hits = self._search(self.warm, vector, k, where)
+            # No metric named: the collection's own (IP now, COSINE in the older layout).
+            hits = self._search(self.warm, vector, k, where, metric=None)
         except MilvusException as error:
             if error.code != COLLECTION_NOT_FOUND:
                 raise
@@ -280,11 +284,14 @@ class CofeatClient:
         return self._search(self.projects, vector, k,
                             _filter(exclude_ids, exclude_owner_id, new_since_ms))
 
-    def _search(self, collection: str, vector, k: int, where: str) -> list[Hit]:
+    def _search(self, collection: str, vector, k: int, where: str,
+                metric: str | None = METRIC) -> list[Hit]:
         query = _unit(vector)
         # HNSW needs ef >= k; the filter is applied inside the search, so k hits come
         # back even when it removes many neighbours.
-        params = {"metric_type": METRIC, "params": {"ef": max(self.ef, k)}}
+        params = {"params": {"ef": max(self.ef, k)}}
+        if metric:
+            params["metric_type"] = metric
         results = self.milvus.search(
             collection, data=[query.tolist()], anns_field=VECTOR_FIELD, limit=k,
             filter=where, output_fields=PROJECT_FIELDS, search_params=params,

@@ -16,6 +16,12 @@ USERS = "cofeat_users"
 # New projects' warm-up vectors (services/embedder/warmup.py): an overlay on PROJECTS for
 # "projects for a user" only, same schema; a project without a row here has none to add.
 WARM = "cofeat_projects_warm"
+METRIC = "COSINE"  # projects and users: image and taste are directions
+# Warm rows keep their length (shared/warmup.served): how much behaviour vouches for a
+# project. Until 2026-12-04 they were unit rows in `..._warm_v<model>`, ranked by cosine;
+# the embedder replaces such a collection by `..._warm_v<model>_<WARM_LAYOUT>` at start.
+WARM_METRIC = "IP"
+WARM_LAYOUT = 1
 VECTOR_FIELD = "embedding"
 STATE_VERSION = "state_version"
 PROJECT_KEY = "project_id"
@@ -60,16 +66,16 @@ def user_schema(dim: int):
     return schema
 
 
-def index_params(settings: Settings):
+def index_params(settings: Settings, metric: str = METRIC):
     params = MilvusClient.prepare_index_params()
-    params.add_index(field_name=VECTOR_FIELD, index_type="HNSW", metric_type="COSINE",
+    params.add_index(field_name=VECTOR_FIELD, index_type="HNSW", metric_type=metric,
                      params={"M": settings.milvus_hnsw_m,
                              "efConstruction": settings.milvus_hnsw_ef_construction})
     return params
 
 
 def search_params(settings: Settings) -> dict:
-    return {"metric_type": "COSINE", "params": {"ef": settings.milvus_search_ef}}
+    return {"metric_type": METRIC, "params": {"ef": settings.milvus_search_ef}}
 
 
 def drop_prefixed(client: MilvusClient, prefix: str) -> None:

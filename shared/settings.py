@@ -237,7 +237,7 @@ class Settings(BaseSettings):
     warm_enabled: bool = Field(True, description="keep the warm-up collection up to date")
     warm_poll_s: float = Field(2.0, gt=0, description="how often to look for new interactions")
     warm_prior_strength: float = Field(
-        0.3, gt=0, description="weight of the CNN's vector against the interactions, in "
+        0.5, gt=0, description="weight of the CNN's vector against the interactions, in "
         "units of ALS's item regulariser (Y'Y + lambda I)")
 
     # CNN refresh (services/refresh/cnn): image -> latent factor.

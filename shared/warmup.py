@@ -43,7 +43,7 @@ class WarmParams:
     alpha: float
     eps: float
     regularization: float
-    strength: float = 3.0
+    strength: float = 0.5  # COFEAT_WARM_PRIOR_STRENGTH
 
     @classmethod
     def from_settings(cls, settings) -> WarmParams:
@@ -100,17 +100,23 @@ def pair_sums(user_rows: np.ndarray, types: np.ndarray,
     return rows[keep], sums[keep]
 
 
-def fold_in(prior: np.ndarray, user_rows: np.ndarray, sums: np.ndarray, space: Space,
-            params: WarmParams) -> np.ndarray:
-    """The warm-up factor of one project: `prior` (the CNN's vector, any length) and the
-    users (rows of space.user_factors) with their summed event weights."""
+def centred(prior: np.ndarray, space: Space) -> np.ndarray:
+    """The CNN's vector as a fold-in's starting point: its direction at a typical item
+    factor's length. What a project with no interactions is served."""
     prior = np.asarray(prior, dtype=np.float64)
     if prior.shape != (space.k,) or not np.all(np.isfinite(prior)):
         raise ValueError(f"the prior must be {space.k} finite numbers, got shape {prior.shape}")
     length = float(np.linalg.norm(prior))
     if length == 0.0:
         raise ValueError("the prior is all zeros: no direction to start from")
-    centre = prior * (space.prior_norm / length)
+    return prior * (space.prior_norm / length)
+
+
+def fold_in(prior: np.ndarray, user_rows: np.ndarray, sums: np.ndarray, space: Space,
+            params: WarmParams) -> np.ndarray:
+    """The warm-up factor of one project: `prior` (the CNN's vector, any length) and the
+    users (rows of space.user_factors) with their summed event weights."""
+    centre = centred(prior, space)
     user_rows = np.asarray(user_rows, dtype=np.int64)
     if not len(user_rows):
         return centre
@@ -121,6 +127,15 @@ def fold_in(prior: np.ndarray, user_rows: np.ndarray, sums: np.ndarray, space: S
     lhs = params.strength * space.gram + (y.T * (c - 1.0)) @ y
     rhs = params.strength * (space.gram @ centre) + y.T @ c
     return np.linalg.solve(lhs, rhs)
+
+
+def served(vectors: np.ndarray, space: Space) -> np.ndarray:
+    """Fold-ins as the warm collection holds them: ranked by inner product against a unit
+    user vector, each at its length over the prior's. A project with no interactions then
+    scores exactly as its unit CNN vector does by cosine in the projects collection, so
+    the two rank together, and one that behaviour vouches for grows longer: ALS keeps how
+    much evidence an item has in its factor's length, which cosine would throw away."""
+    return (np.asarray(vectors, dtype=np.float64) / space.prior_norm).astype(np.float32)
 
 
 def behavioural(user_rows: np.ndarray, sums: np.ndarray, space: Space,

@@ -201,12 +201,22 @@ def rows_between(milvus: Milvus, name: str, low: int, high: int,
     return rows
 
 
+def index_metric(milvus: Milvus, name: str) -> str | None:
+    """The metric `name`'s vector index ranks by; None before it has one."""
+    def metric(c: MilvusClient) -> str | None:
+        indexes = c.list_indexes(name)
+        return c.describe_index(name, indexes[0])["metric_type"] if indexes else None
+
+    return milvus.call(metric)
+
+
 def has_field(milvus: Milvus, name: str, field: str) -> bool:
     schema = milvus.call(lambda c: c.describe_collection(name))
     return any(f["name"] == field for f in schema["fields"])
 
 
-def request_index_and_load(milvus: Milvus, settings: Settings, name: str) -> None:
+def request_index_and_load(milvus: Milvus, settings: Settings, name: str,
+                           metric: str = contract.METRIC) -> None:
     """Seal what was written, request HNSW and loading; `ready` says when it is done.
 
     No call here waits for Milvus to persist, index or load: a busy Milvus took minutes to
@@ -215,7 +225,7 @@ def request_index_and_load(milvus: Milvus, settings: Settings, name: str) -> Non
     """
     milvus.call(lambda c: c.flush(name, _async=True), f"seal of {name}")
     milvus.call(lambda c: c.list_indexes(name) or c.create_index(
-        name, contract.index_params(settings), sync=False))
+        name, contract.index_params(settings, metric), sync=False))
     load(milvus, name)
 
 

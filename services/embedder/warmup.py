@@ -6,7 +6,9 @@ COFEAT_WARM_POLL_S this part reads the interactions Postgres stored since its la
 (exactly: the snapshot it read last is recorded, and `pg_visible_in_snapshot` tells what
 it missed, as the factor refresh does), keeps those on new projects by users the version
 knows, and writes each touched project's fold-in into `<prefix>cofeat_projects_warm`
-(an alias on `..._warm_v<model>`).
+(an alias on `..._warm_v<model>_1`), at its length over the prior's and ranked by inner
+product (shared/warmup.served): a collection of the older layout (unit rows, cosine) that
+the alias still names is replaced and dropped.
 
 The part shares the embedder's one thread with the stream, so every call is bounded: the
 interactions a new model's warm-up starts from (all those its first snapshot saw) are read
@@ -167,10 +169,11 @@ class WarmUp:
         if factors is None:
             self.unavailable = target.encoder.version
             return False
-        name = contract.collection_name(self.settings, contract.WARM, target.encoder.version)
+        name = contract.collection_name(self.settings, contract.WARM, target.encoder.version,
+                                        contract.WARM_LAYOUT)
         if not mv.aliased(self.milvus, name):
             mv.create_fresh(self.milvus, name, contract.project_schema(target.encoder.dim))
-            mv.request_index_and_load(self.milvus, self.settings, name)
+            mv.request_index_and_load(self.milvus, self.settings, name, contract.WARM_METRIC)
         self.confirm_leading()
         old = mv.point_alias(self.milvus, self.alias, name)
         if old and old != name:
@@ -256,7 +259,7 @@ class WarmUp:
             vector = fold.fold_in(np.asarray(prior[contract.VECTOR_FIELD]), user_rows, sums,
                                   state.space, self.params)
             rows.append({contract.PROJECT_KEY: pid,
-                         contract.VECTOR_FIELD: (vector / np.linalg.norm(vector)).tolist(),
+                         contract.VECTOR_FIELD: fold.served(vector, state.space).tolist(),
                          "model_version": int(prior["model_version"]),
                          "owner_id": int(prior["owner_id"]),
                          "published_at": int(prior["published_at"]),

@@ -5,7 +5,9 @@ is known; the appreciations after them are what to predict. Three rankings of th
 candidates for the same users:
 
 - cnn-only: the collaborative CNN's vector (what a new project is served without warm-up);
-- warm-up: that vector with the N interactions folded in (shared/warmup.py), as served;
+- warm-up: that vector with the N interactions folded in (shared/warmup.py), ranked as
+  served: by inner product at its length over the prior's (`metric="cosine"` ranks it by
+  direction only, for comparison);
 - popularity: distinct appreciating users among the N interactions, viewers then a seeded
   coin breaking ties (undefined at N = 0: every project is tied).
 
@@ -66,9 +68,12 @@ def ranks(position: np.ndarray) -> np.ndarray:
 
 
 def curve(conn, candidates: np.ndarray, cnn_vectors: np.ndarray, factors: Factors,
-          params: fold.WarmParams, seen: tuple[int, ...] = SEEN) -> list[dict]:
+          params: fold.WarmParams, seen: tuple[int, ...] = SEEN,
+          metric: str = "ip") -> list[dict]:
     """Result rows (task, features, seen, score, n) for every N and source.
     `candidates`: the new projects' ids, sorted; `cnn_vectors`: their CNN vectors."""
+    if metric not in ("ip", "cosine"):
+        raise ValueError(f"metric must be ip or cosine, not {metric!r}")
     events = read_events(conn, candidates)
     space = fold.space(factors.user_factors, factors.item_factors, params.regularization)
     users = factors.user_rows(events.user)
@@ -80,8 +85,9 @@ def curve(conn, candidates: np.ndarray, cnn_vectors: np.ndarray, factors: Factor
             continue
         user_vectors = factors.user_factors[who]
         warm = warm_vectors(cnn_vectors, events, users, known, space, params)
+        warm = fold.served(warm, space) if metric == "ip" else _unit(warm)
         scores = {CNN: recall_at_k(user_vectors, _unit(cnn_vectors), targets, K, exclude),
-                  WARM: recall_at_k(user_vectors, _unit(warm), targets, K, exclude)}
+                  WARM: recall_at_k(user_vectors, warm, targets, K, exclude)}
         if n > 0:
             popular = popularity(events, known, len(candidates))
             scores[POPULARITY] = recall_at_k(np.ones((len(who), 1)), popular[:, None],
@@ -112,8 +118,9 @@ def _targets(events: Events, users: np.ndarray,
 
 def warm_vectors(cnn_vectors: np.ndarray, events: Events, users: np.ndarray,
                  known: np.ndarray, space: fold.Space, params: fold.WarmParams) -> np.ndarray:
-    """Each candidate's fold-in of its known interactions by users with factors."""
-    out = np.asarray(cnn_vectors, dtype=np.float64).copy()
+    """Each candidate's fold-in of its known interactions by users with factors; one
+    without any is its CNN vector, centred as served (by its unit image vector)."""
+    out = np.stack([fold.centred(v, space) for v in np.asarray(cnn_vectors)])
     pick = known & (users >= 0)
     order = np.argsort(events.position[pick], kind="stable")
     position, rows = events.position[pick][order], users[pick][order]
@@ -146,7 +153,7 @@ def popularity(events: Events, known: np.ndarray, count: int, seed: int = 0) -> 
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
-    # Milvus ranks by cosine: the served vectors' lengths do not count.
+    # The projects collection ranks by cosine: the image vectors' lengths do not count.
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     return (x / np.where(norms > 0, norms, 1.0)).astype(np.float32)
 

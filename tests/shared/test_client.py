@@ -135,6 +135,36 @@ def test_for_user_scores_warmed_projects_by_their_warm_up_vector(milvus_uri, tmp
         drop_world(world.settings)
 
 
+def test_warm_rows_rank_by_their_length_in_the_inner_product_layout(milvus_uri, tmp_path):
+    """The embedder's layout: warm rows at their length over the prior's, indexed IP. A
+    row in the user's direction at length 1 scores as a perfect image match does (1.0), at
+    length 3 it scores 3, and a long row pointing away scores below every image match."""
+    from tests.services.serve.world import _load
+
+    world = make_world(milvus_uri, tmp_path)
+    user = world.users[0]
+    order = [pid - FIRST_PROJECT for pid in world.nearest(user)]
+    direction = user / np.linalg.norm(user)
+    lengths = {order[100]: 3.0, order[101]: 1.0, order[0]: -5.0}
+    rows = [{"project_id": FIRST_PROJECT + r, "embedding": (direction * length).tolist(),
+             "model_version": world.version, "owner_id": int(world.owners[r]),
+             "published_at": int(world.published[r]), "state_version": 0}
+            for r, length in lengths.items()]
+    _load(world.settings, milvus.WARM, world.version, milvus.project_schema(len(user)), rows,
+          metric=milvus.WARM_METRIC)
+    client = CofeatClient.from_settings(world.settings)
+    try:
+        hits = client.for_user(FIRST_USER, k=5)
+        assert ids(hits)[:2] == [FIRST_PROJECT + order[100], FIRST_PROJECT + order[101]]
+        assert [h.score for h in hits[:2]] == [pytest.approx(3.0, abs=1e-3),
+                                               pytest.approx(1.0, abs=1e-3)]
+        assert FIRST_PROJECT + order[0] not in ids(hits)
+        assert ids(hits)[2:] == [FIRST_PROJECT + r for r in order[1:4]]
+    finally:
+        client.close()
+        drop_world(world.settings)
+
+
 def test_unknown_ids_raise_not_found(client):
     with pytest.raises(NotFound, match="project 999999"):
         client.similar_to_project(999_999)

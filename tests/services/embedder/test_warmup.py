@@ -18,6 +18,8 @@ from shared import warmup as fold
 from shared.client import CofeatClient
 from shared.factors import factor_version, load_factors
 from tests.services.embedder.conftest import (
+    DIM,
+    alias_target,
     client,
     make_cnn,
     make_factors,
@@ -72,12 +74,12 @@ def test_new_project_warms_up_towards_its_behavioural_factor(esettings, db_url):
             interact(db_url, everyone[seen:upto])
             seen = upto
             users = factors.user_rows([u for u, _, _ in everyone[:upto]])
-            want = fold.fold_in(np.asarray(image_vector), users, np.full(upto, 4.0), space,
-                                params)
+            want = fold.served(fold.fold_in(np.asarray(image_vector), users,
+                                            np.full(upto, 4.0), space, params), space)
 
             def arrived(want=want) -> bool:
                 found = c.has_collection(warm) and rows(c, warm, [1]).get(1)
-                return bool(found) and cosine(found["embedding"], want) > 0.99999
+                return bool(found) and np.allclose(found["embedding"], want, atol=1e-5)
 
             settle(embedder, until=arrived, timeout_s=60)
             closeness.append(cosine(rows(c, warm, [1])[1]["embedding"], target))
@@ -97,7 +99,9 @@ def test_new_project_warms_up_towards_its_behavioural_factor(esettings, db_url):
             hit = next(h for h in queries.for_user(user, k=3) if h.project_id == 1)
         finally:
             queries.close()
-        assert hit.score == pytest.approx(cosine(user_vector, held[1]["embedding"]), abs=1e-4)
+        # By inner product against the unit user vector: the row's length counts.
+        unit_user = np.asarray(user_vector) / np.linalg.norm(user_vector)
+        assert hit.score == pytest.approx(float(unit_user @ held[1]["embedding"]), abs=1e-4)
         assert abs(hit.score - cosine(user_vector, image_vector)) > 1e-3
     finally:
         c.close()
@@ -188,6 +192,37 @@ def test_warm_up_in_small_steps_reaches_every_project(esettings, db_url, monkeyp
         assert part.state.scan_after == part.state.scan_end == 30
         assert steps >= 30 // 7 and max(written) <= 2
         assert set(rows(c, contract.alias(settings, contract.WARM))) == set(range(1, 7))
+    finally:
+        c.close()
+        embedder.close()
+
+
+def test_an_older_layout_warm_collection_is_replaced(esettings, db_url):
+    """A warm collection of the layout before inner product (unit rows, cosine, named
+    `..._warm_v<model>`) behind the alias is replaced at start by the IP layout, filled
+    again from the stored interactions, and dropped."""
+    from tests.services.serve.world import _load
+
+    settings = esettings.model_copy(update={"warm_poll_s": 0.2})
+    fv = make_factors(settings, db_url, USERS)
+    cnn = make_cnn(settings, db_url, factor_version=fv)
+    seed_projects(settings, db_url, 2)
+    interact(db_url, [(user, 1, fold.APPRECIATE) for user in USERS[:10]])
+    old = _load(settings, contract.WARM, cnn, contract.project_schema(DIM),
+                [{"project_id": 1, "embedding": [1.0] + [0.0] * (DIM - 1),
+                  "model_version": cnn, "owner_id": 101, "published_at": 0,
+                  "state_version": 0}])
+    embedder = Embedder(settings)
+    c = client(settings)
+    warm = contract.alias(settings, contract.WARM)
+    new = contract.collection_name(settings, contract.WARM, cnn, contract.WARM_LAYOUT)
+    try:
+        embedder.start()
+        settle(embedder, until=lambda: alias_target(c, settings, contract.WARM) == new
+               and 1 in rows(c, warm, [1]), timeout_s=60)
+        assert not c.has_collection(old)
+        assert c.describe_index(new, c.list_indexes(new)[0])["metric_type"] == "IP"
+        assert np.linalg.norm(rows(c, warm, [1])[1]["embedding"]) != pytest.approx(1.0)
     finally:
         c.close()
         embedder.close()

@@ -80,10 +80,12 @@ def load_users(settings: Settings, version: int, ids, vectors) -> str:
     return _load(settings, milvus.USERS, version, milvus.user_schema(vectors.shape[1]), rows)
 
 
-def _load(settings: Settings, kind: str, version: int, schema, rows: list[dict]) -> str:
+def _load(settings: Settings, kind: str, version: int, schema, rows: list[dict],
+          metric: str = milvus.METRIC) -> str:
     client = milvus.connect(settings)
     name = milvus.collection_name(settings, kind, version)
-    client.create_collection(name, schema=schema, index_params=milvus.index_params(settings))
+    client.create_collection(name, schema=schema,
+                             index_params=milvus.index_params(settings, metric))
     client.insert(name, rows)
     # One Strong read waits until the rows are searchable; later Bounded reads see them.
     client.query(name, filter="", output_fields=["count(*)"], consistency_level="Strong")
